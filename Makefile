@@ -1,0 +1,40 @@
+# The whole set-up on a fresh machine is one of these two commands:
+#   make demo   installs tinylm into .venv and runs every stage that exists on built-in data
+#   make test   installs tinylm with its test extras into .venv and runs the test suite
+# TORCH pins the PyTorch build (the CPU wheel on a bare machine); override for a GPU:
+#   make test TORCH='torch==2.13.0'
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]" "$(TORCH)"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/tinylm demo -o demo --force
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/pip install -q -e ".[bench]" "$(TORCH)"
+	$(BIN)/python bench/tokenizer.py
+
+lint: install
+	$(BIN)/pip install -q ruff
+	$(BIN)/ruff check tinylm tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,13 @@
+"""The `tinylm` command line: option parsing only; every command calls library functions.
+
+Each stage's commands live in their own module here and register themselves on `app`. Heavy
+libraries (torch, peft) are imported inside the commands so that `tinylm --help` is instant.
+"""
+
+from tinylm.cli import tokenize  # noqa: F401  (each import registers its commands)
+from tinylm.cli.app import app
+
+
+def main() -> None:
+    """Entry point of the `tinylm` console script and `python -m tinylm`."""
+    app()

@@ -1,0 +1,70 @@
+"""The Typer application, its global options, and how user errors become one line + exit 2."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from tinylm import __version__
+from tinylm.console import Output
+from tinylm.errors import TinyLMError
+
+
+class _Group(TyperGroup):
+    """Turns a `TinyLMError` from any command into `error: ...` on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TinyLMError as exc:
+            if (ctx.obj or {}).get("debug") or os.environ.get("TINYLM_DEBUG"):
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="tinylm",
+    help="Train a small language model through its whole life: tokenizer, pretraining, "
+    "instruction tuning, LoRA, DPO and generation, on a CPU or a GPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tinylm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback of errors.")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+# Options shared by many commands, declared once so they read the same everywhere.
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
+Json = Annotated[bool, typer.Option("--json", help="Print results as JSON lines on stdout.")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+
+
+def output(quiet: bool, json: bool) -> Output:
+    """The `Output` for a command's --quiet/--json flags."""
+    return Output(quiet=quiet, json=json)

@@ -1,0 +1,1 @@
+"""`tinylm tokenize`: train a byte-level BPE tokenizer."""
