@@ -22,3 +22,18 @@ def shakespeare_path() -> Path:
 def shakespeare_text(shakespeare_path: Path) -> str:
     """The text of tinyshakespeare.txt."""
     return shakespeare_path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Tests use tiny tensors: on a shared 2-core machine extra threads only contend (up to 40x
+    slower). One thread also makes CPU results independent of the machine's core count."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a run-time dependency
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -31,7 +31,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise TinyLMError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", exc)
+        raise TinyLMError(f"{path}{where}: not valid YAML ({problem})") from None
     except UnicodeDecodeError:
         raise TinyLMError(f"{path}: not a UTF-8 text file") from None
     if data is None:
@@ -145,12 +146,13 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         valid = ", ".join(prefix + name for name in fields)
-        raise TinyLMError(f"{source}: unknown config key {prefix + unknown[0]!r}; valid keys: {valid}")
+        key = prefix + unknown[0]
+        raise TinyLMError(f"{source}: unknown config key {key!r}; valid keys: {valid}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], prefix + name, source)
     # Nested sections given only partly keep their other defaults.
-    for name, f in fields.items():
+    for name in fields:
         if name in kwargs and dataclasses.is_dataclass(hints[name]) and not isinstance(
             kwargs[name], hints[name]
         ):

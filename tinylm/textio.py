@@ -30,14 +30,16 @@ class TextPiece:
     doc_end: bool
 
 
-def expand_paths(paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUFFIXES) -> list[Path]:
+def expand_paths(
+    paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUFFIXES
+) -> list[Path]:
     """Files as given, and the files under directories (recursively, sorted, by suffix)."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-            files.extend(found)
+            found = (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+            files.extend(sorted(found))
         elif path.is_file():
             files.append(path)
         elif path.exists():
@@ -46,10 +48,11 @@ def expand_paths(paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_S
             raise TinyLMError(f"{path}: no such file or directory", "check the path")
     if not files:
         shown = ", ".join(str(p) for p in paths) or "(none)"
-        raise TinyLMError(f"no input files found in {shown}", f"expected {', '.join(suffixes)} files")
+        expected = ", ".join(suffixes)
+        raise TinyLMError(f"no input files found in {shown}", f"expected {expected} files")
     for path in files:
         if not os.access(path, os.R_OK):
-            raise TinyLMError(f"{path}: permission denied", "make the file readable or leave it out")
+            raise TinyLMError(f"{path}: permission denied", "make it readable or leave it out")
     return files
 
 
@@ -157,7 +160,7 @@ def iter_text(paths: Iterable[str | Path], max_chars: int = READ_BYTES) -> Itera
 
 
 def check_output_dir(path: str | Path, force: bool) -> Path:
-    """An output directory that may be written: refuse to overwrite a non-empty one without --force."""
+    """An output directory that may be written: a non-empty one only with --force."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise TinyLMError(f"{path}: exists and is not a directory")

@@ -4,7 +4,10 @@ Each stage's commands live in their own module here and register themselves on `
 libraries (torch, peft) are imported inside the commands so that `tinylm --help` is instant.
 """
 
-from tinylm.cli import tokenize  # noqa: F401  (each import registers its commands)
+# Each import registers its module's commands on `app`.
+from tinylm.cli import (  # noqa: F401
+    tokenize,
+)
 from tinylm.cli.app import app
 
 
