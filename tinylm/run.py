@@ -141,12 +141,19 @@ def load_weights(model: Transformer, file: str | Path) -> None:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def load_run(path: str | Path, device: str = "cpu") -> Run:
-    """Load a run directory: its model (eval mode, on `device`), tokenizer and config."""
+def load_run(path: str | Path, device: str = "cpu", no_merge: bool = False) -> Run:
+    """Load a run directory: its model (eval mode, on `device`), tokenizer and config.
+
+    A LoRA run (a PEFT adapter naming its base run) loads the base and applies the adapter,
+    merged into the weights unless `no_merge` (then `Run.model` is the `PeftModel`).
+    """
+    from tinylm.lora import is_adapter_run, load_adapter_run
     from tinylm.model import Transformer
     from tinylm.tokenizer import Tokenizer
 
     path = Path(path)
+    if is_adapter_run(path):
+        return load_adapter_run(path, device, no_merge)
     config = read_run_config(path)
     model_config = model_config_from(config, str(path / CONFIG_FILE))
     tokenizer_file = path / TOKENIZER_FILE
