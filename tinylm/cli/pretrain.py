@@ -1,0 +1,132 @@
+"""`tinylm pretrain` and `tinylm eval`: train a model from scratch; score it in bits per byte."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tinylm.cli.app import Force, Json, Quiet, app, output
+
+Files = Annotated[
+    list[str] | None,
+    typer.Option("--data", "-d", help="Text files, directories or JSONL with a \"text\" field "
+                 "(repeat the option for several)."),
+]
+
+
+@app.command()
+def pretrain(
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory to write.")],
+    data: Files = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="A preset name (tiny, small, "
+                                 "shakespeare, ...) or a YAML file.")
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", "-t", help="tokenizer.json, its directory, or "
+                                 "'bytes'; default: train one (config tokenizer.vocab_size).")
+    ] = None,
+    val_data: Annotated[
+        list[str] | None, typer.Option("--val-data", help="Validation text (else a split).")
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Last fraction of the tokens kept for validation.")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    max_time: Annotated[
+        float | None, typer.Option(help="Stop cleanly (eval, save) after this many seconds.")
+    ] = None,
+    save_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between evaluations.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (init and data order).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    fsdp: Annotated[
+        bool, typer.Option("--fsdp", help="Shard the model with FSDP2 (under torchrun).")
+    ] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE, "
+                                       "e.g. train.lr=3e-3 (repeatable).")
+    ] = None,
+    force: Force = False,
+    quiet: Quiet = False,
+    json: Json = False,
+) -> None:
+    """Pretrain a decoder-only transformer from scratch on your text.
+
+    Writes RUN/config.json, model.safetensors, tokenizer.json, metrics.jsonl, checkpoints/,
+    loss_curve.png and report.md. Ctrl-C saves a checkpoint and stops; --resume continues
+    exactly. The same command runs on several processes under torchrun (DDP, or FSDP2 with
+    --fsdp).
+
+    Examples:
+
+        tinylm pretrain -c shakespeare -d shakespeare.txt -o runs/shakes
+
+        tinylm pretrain -c tiny -d corpus/ -t bytes -o runs/tiny --max-steps 500 --set train.lr=3e-3
+
+        tinylm pretrain -o runs/shakes --resume
+
+        torchrun --nproc_per_node=4 -m tinylm pretrain -c small -d corpus/ -t tok/ -o runs/small
+    """
+    from tinylm.pretrain import pretrain as run_pretrain
+
+    flags = {
+        "data.val_fraction": val_fraction, "train.max_steps": max_steps,
+        "train.max_time": max_time, "train.save_every": save_every,
+        "train.eval_every": eval_every, "train.seed": seed, "train.device": device,
+        "train.compile": True if compile else None, "train.fsdp": True if fsdp else None,
+    }
+    overrides = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    config_path = None
+    if config is not None:
+        from tinylm.cli.info import find_preset
+
+        config_path = find_preset(config)
+    out = output(quiet, json)
+    result = run_pretrain(
+        data, out_dir, config=config_path, tokenizer=tokenizer, val_data=val_data,
+        overrides=overrides, resume=resume, force=force, out=out,
+    )
+    if result.stopped == "interrupted":
+        out.warn(f"interrupted at step {result.step}; continue with: tinylm pretrain -o "
+                 f"{out_dir} --resume")
+        raise typer.Exit(130)
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="A run directory.")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Text files or directories.")],
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 16,
+    seq_len: Annotated[
+        int | None, typer.Option(help="Window length (default: the run's training length).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Score at most this many tokens (0: all).")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Quiet = False,
+    json: Json = False,
+) -> None:
+    """Score a model on text: loss in nats per token and bits per byte (bpb).
+
+    bpb divides by the text's UTF-8 bytes, so models with different tokenizers compare. It
+    is the number `tinylm pretrain` logs as val_bpb.
+
+    Examples:
+
+        tinylm eval -m runs/shakes -d valid.txt
+
+        tinylm eval -m runs/shakes -d corpus/ --max-tokens 100000 --json
+    """
+    from tinylm.pretrain import eval_run
+
+    out = output(quiet, json)
+    result = eval_run(model, data, batch_size=batch_size, seq_len=seq_len,
+                      max_tokens=max_tokens, device=device, out=out)
+    out.table(f"eval: {model}", {"val_loss": result["val_loss"], "val_bpb": result["val_bpb"],
+                                 "tokens_scored": int(result["val_tokens"]),
+                                 "tokens": result["tokens"], "bytes": result["bytes"]})

@@ -1,0 +1,293 @@
+"""Token shards: text encoded once into memory-mapped `.bin` files, and windows sampled from them.
+
+    CACHE/tokens/<key>/index.json         dtype, token / document / byte counts, files, shards
+    CACHE/tokens/<key>/tokens_00000.bin   raw uint16 (vocab <= 65536) or uint32 token ids
+
+`key` hashes the tokenizer's fingerprint and the content of every input file, so a second run
+on the same data starts at once, and changed data or another tokenizer is encoded again.
+Encoding streams the files (`tinylm.textio.iter_text`) in blocks through
+`Tokenizer.encode_batch` (all cores) and appends the end-of-text token after each document; the
+corpus never has to fit in memory. The shard directory is written under a temporary name and
+renamed, so an interrupted encode leaves nothing that looks complete.
+
+Training windows are a pure function of (seed, step, micro-batch index): a run resumed at step
+N, or split over several processes, reads exactly the windows of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tinylm.console import SILENT, Output
+from tinylm.errors import TinyLMError
+from tinylm.textio import expand_paths, iter_text
+
+if TYPE_CHECKING:
+    from tinylm.tokenizer import Tokenizer
+
+INDEX_FILE = "index.json"
+SHARD_FORMAT = 1
+SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB as uint16)
+ENCODE_BLOCK_CHARS = 16 << 20  # characters handed to encode_batch at a time
+PIECE_CHARS = 1 << 18  # pieces small enough to spread a block over all cores
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The shard cache: `cache_dir`, else $TINYLM_CACHE, else $XDG_CACHE_HOME/tinylm."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("TINYLM_CACHE"):
+        return Path(os.environ["TINYLM_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "tinylm"
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def corpus_key(files: Sequence[Path], fingerprint: str) -> tuple[str, list[dict[str, Any]]]:
+    """The cache key of encoding `files` with a tokenizer, and the per-file records."""
+    records = [
+        {"path": str(p), "bytes": p.stat().st_size, "blake2b": file_digest(p),
+         "jsonl": p.suffix.lower() == ".jsonl"}
+        for p in files
+    ]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"shards/{SHARD_FORMAT}/{fingerprint}".encode())
+    for r in records:  # content and kind only: renaming or moving a file keeps its cache
+        h.update(f"/{r['blake2b']}:{r['jsonl']}".encode())
+    return h.hexdigest(), records
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits in it, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+class _ShardWriter:
+    """Appends token ids to numbered shard files of at most `SHARD_TOKENS` tokens."""
+
+    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int) -> None:
+        self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._file: Any = None
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self._file is None or self.shards[-1]["n_tokens"] == self.shard_tokens:
+                self._next()
+            room = self.shard_tokens - self.shards[-1]["n_tokens"]
+            self._file.write(ids[:room].astype(self.dtype).tobytes())
+            self.shards[-1]["n_tokens"] += len(ids[:room])
+            ids = ids[room:]
+
+    def _next(self) -> None:
+        self.close()
+        name = f"tokens_{len(self.shards):05d}.bin"
+        self._file = open(self.directory / name, "wb")  # noqa: SIM115 (closed in close())
+        self.shards.append({"file": name, "n_tokens": 0})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+
+def _encode_into(
+    files: Sequence[Path], tokenizer: Tokenizer, writer: _ShardWriter, total_bytes: int,
+    out: Output,
+) -> dict[str, int]:
+    """Stream the files through the tokenizer into `writer`; token, doc and byte counts."""
+    counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
+    block: list[tuple[str, bool]] = []
+
+    def flush() -> None:
+        encoded = tokenizer.encode_batch([text for text, _ in block])
+        for ids, (_, doc_end) in zip(encoded, block, strict=True):
+            if doc_end:
+                ids = [*ids, tokenizer.eot_id]
+                counts["n_docs"] += 1
+            writer.write(np.asarray(ids, dtype=np.int64))
+            counts["n_tokens"] += len(ids)
+        block.clear()
+
+    chars = 0
+    with out.progress("encoding", total=total_bytes) as bar:
+        for piece in iter_text(files, max_chars=PIECE_CHARS):
+            n_bytes = len(piece.text.encode("utf-8"))
+            counts["n_bytes"] += n_bytes
+            block.append((piece.text, piece.doc_end))
+            chars += len(piece.text)
+            bar.advance(n_bytes)
+            if chars >= ENCODE_BLOCK_CHARS:
+                flush()
+                chars = 0
+        if block:
+            flush()
+    return counts
+
+
+def encode_corpus(
+    paths: Iterable[str | Path],
+    tokenizer: Tokenizer,
+    cache_dir: str | Path | None = None,
+    out: Output = SILENT,
+    shard_tokens: int = SHARD_TOKENS,
+) -> TokenStream:
+    """The token stream of text files / directories / JSONL, from the cache or encoded now."""
+    files = expand_paths(paths)
+    key, records = corpus_key(files, tokenizer.fingerprint)
+    root = cache_root(cache_dir) / "tokens"
+    final = root / key
+    if (final / INDEX_FILE).is_file():
+        return TokenStream.open(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    try:
+        dtype = token_dtype(tokenizer.vocab_size)
+        writer = _ShardWriter(tmp, dtype, shard_tokens)
+        try:
+            total = sum(r["bytes"] for r in records)
+            counts = _encode_into(files, tokenizer, writer, total, out)
+        finally:
+            writer.close()
+        index = {"format": SHARD_FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
+                 "eot_id": tokenizer.eot_id, "tokenizer": tokenizer.fingerprint, **counts,
+                 "files": records, "shards": writer.shards}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1), encoding="utf-8")
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same encoding first
+            if not (final / INDEX_FILE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    out.info(f"encoded {counts['n_bytes']:,} bytes into {counts['n_tokens']:,} tokens ({final})")
+    return TokenStream.open(final)
+
+
+@dataclass
+class TokenStream:
+    """A contiguous range [start, stop) of the tokens of a shard directory, read lazily."""
+
+    index: dict[str, Any]
+    arrays: list[np.ndarray]
+    offsets: np.ndarray  # offsets[i] = first token of arrays[i] in the whole stream
+    start: int = 0
+    stop: int = 0
+
+    @classmethod
+    def open(cls, directory: str | Path) -> TokenStream:
+        """Memory-map the shards listed in `directory`/index.json."""
+        directory = Path(directory)
+        try:
+            index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
+            dtype = np.dtype(index["dtype"])
+            arrays = [
+                np.memmap(directory / s["file"], dtype=dtype, mode="r", shape=(s["n_tokens"],))
+                if s["n_tokens"] else np.zeros(0, dtype=dtype)
+                for s in index["shards"]
+            ]
+        except (OSError, ValueError, KeyError) as exc:
+            raise TinyLMError(f"{directory}: damaged token cache ({exc})", "delete it") from None
+        offsets = np.cumsum([0] + [len(a) for a in arrays])
+        return cls(index, arrays, offsets, 0, int(offsets[-1]))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def view(self, start: int, stop: int) -> TokenStream:
+        """Tokens [start, stop) of this stream, as a stream."""
+        start, stop = max(0, start), min(len(self), stop)
+        return TokenStream(self.index, self.arrays, self.offsets, self.start + start,
+                           self.start + max(start, stop))
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """`length` tokens from `start` (relative to this stream) as int64, across shards."""
+        lo, hi = self.start + start, self.start + start + length
+        if start < 0 or hi > self.stop:
+            raise IndexError(f"tokens [{start}, {start + length}) outside a stream of {len(self)}")
+        parts = []
+        i = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        while lo < hi:
+            a, base = self.arrays[i], int(self.offsets[i])
+            take = min(hi, base + len(a)) - lo
+            parts.append(np.asarray(a[lo - base: lo - base + take], dtype=np.int64))
+            lo += take
+            i += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def split_stream(stream: TokenStream, val_fraction: float) -> tuple[TokenStream, TokenStream]:
+    """(train, val): the last `val_fraction` of the token stream is validation (like nanoGPT's
+    90/10 split of Shakespeare; a document may straddle the boundary)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise TinyLMError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+    cut = len(stream) - max(1, round(len(stream) * val_fraction))
+    return stream.view(0, cut), stream.view(cut, len(stream))
+
+
+def window_seed(seed: int, step: int, micro: int) -> int:
+    """The 63-bit seed of micro-batch `micro` of step `step` (independent of everything else)."""
+    digest = hashlib.blake2b(f"windows/{seed}/{step}/{micro}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def sample_windows(
+    stream: TokenStream, seq_len: int, batch_size: int, seed: int, step: int, micro: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (batch_size, seq_len) int64: random windows of the stream and
+    the same windows shifted by one token. A pure function of its arguments."""
+    n = len(stream)
+    if n < seq_len + 1:
+        raise TinyLMError(
+            f"the training data has {n:,} tokens, fewer than one window of {seq_len + 1}",
+            "give more text or a shorter data.seq_len",
+        )
+    generator = torch.Generator().manual_seed(window_seed(seed, step, micro))
+    starts = torch.randint(0, n - seq_len, (batch_size,), generator=generator).tolist()
+    rows = np.stack([stream.read(s, seq_len + 1) for s in starts])
+    windows = torch.from_numpy(rows)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def eval_windows(stream: TokenStream, seq_len: int, max_tokens: int = 0) -> tuple[int, int]:
+    """(number of windows, window length) covering the stream once with consecutive,
+    non-overlapping windows; at most `max_tokens` targets (0: all)."""
+    if len(stream) < 2:
+        raise TinyLMError(
+            f"the validation data has {len(stream)} tokens; at least 2 are needed",
+            "give more validation text (--val-data) or a larger --val-fraction",
+        )
+    length = min(seq_len, len(stream) - 1)
+    count = (len(stream) - 1) // length
+    if max_tokens:
+        count = max(1, min(count, max_tokens // length))
+    return count, length
+
+
+def eval_window(stream: TokenStream, i: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window `i` of `eval_windows`: (inputs, targets) of `length` tokens."""
+    row = stream.read(i * length, length + 1)
+    return row[:-1], row[1:]

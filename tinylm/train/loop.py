@@ -1,0 +1,424 @@
+"""The training loop shared by pretrain, finetune and dpo: one function, `train`.
+
+A stage gives it a model, a batch source and a loss; the loop does the rest the same way for
+all of them: optimizer and schedule, gradient accumulation, clipping, bf16 autocast on CUDA,
+`torch.compile`, DDP / FSDP2 under torchrun, periodic evaluation, metrics.jsonl, atomic
+checkpoints, exact resume, Ctrl-C, `max_time`, and a stop with a clear message on a NaN loss.
+
+    batches(step, micro) -> batch
+        `step` is the 0-based optimizer step; `micro` numbers the micro-batches of that step
+        across all processes (process r runs micro = r * accum_steps ... (r+1) * accum_steps - 1),
+        so a batch source that is a pure function of (seed, step, micro) gives the same global
+        batch on any number of processes, and resume is exact. Tensors may live on the CPU; the
+        loop moves tensors (also inside tuples, lists and dicts) to the device.
+    loss_fn(model, batch) -> (loss_sum, count) or LossOutput(loss_sum, count, tokens, metrics)
+        `loss_sum`: the loss SUMMED over `count` units (tokens for a language-model loss,
+        pairs for DPO). The loop divides the gradient by the count over the whole global
+        batch, so masked losses with uneven counts are weighted correctly. `tokens`: tokens
+        processed (default: count). `metrics`: extra sums (e.g. rewards) logged as sum / count.
+    evaluate(model) -> {"val_loss": ..., ...}
+        called on every process (it may use collectives), in eval mode under no_grad.
+    save_model(directory, model, info)
+        writes the model files of a checkpoint (e.g. `tinylm.run.save_run`); `info` holds
+        step, tokens and the last evaluation for the stage's config.json.
+    load_model(checkpoint, model)
+        reads them back on resume (default: `tinylm.run.load_weights` of model.safetensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from tinylm.console import SILENT, Output
+from tinylm.errors import TinyLMError
+from tinylm.train import checkpoint as ckpt
+from tinylm.train.config import TrainConfig
+from tinylm.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    gradient_sync,
+    reshard,
+    shard_model,
+    wrap_for_training,
+)
+from tinylm.train.optim import build_optimizers, set_lr
+from tinylm.train.report import MetricsLog, finish_report
+from tinylm.train.schedule import lr_multiplier
+
+
+class LossOutput(NamedTuple):
+    """What a loss function returns: a sum over `count` units, and optional extras."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor | int
+    tokens: torch.Tensor | int | None = None
+    metrics: dict[str, torch.Tensor] | None = None
+
+
+BatchFn = Callable[[int, int], Any]
+LossFn = Callable[[nn.Module, Any], tuple]
+EvalFn = Callable[[nn.Module], dict[str, float]]
+SaveFn = Callable[[Path, nn.Module, dict[str, Any]], None]
+LoadFn = Callable[[Path, nn.Module], None]
+
+
+@dataclass
+class TrainResult:
+    """How a call to `train` ended."""
+
+    run_dir: Path
+    step: int
+    tokens: int
+    elapsed_s: float
+    loss: float | None
+    eval: dict[str, float] = field(default_factory=dict)
+    stopped: str = "finished"  # "finished", "max_time" or "interrupted"
+    checkpoint: Path | None = None
+
+
+def accumulation_steps(global_units: int, micro_units: int, world_size: int, what: str) -> int:
+    """Micro-batches per process and step so that `global_units` are seen per step."""
+    per_step = micro_units * world_size
+    if global_units < per_step or global_units % per_step:
+        raise TinyLMError(
+            f"{what} ({global_units:,}) must be a multiple of micro_batch x sequence x processes "
+            f"({micro_units:,} x {world_size} = {per_step:,})",
+            "change train.micro_batch or the batch size",
+        )
+    return global_units // per_step
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A 63-bit seed that depends only on (seed, step, stream), for exact resume."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (`auto` or `bf16`), plain float32 otherwise."""
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """`batch` with every tensor in it (also in tuples, lists, dicts) on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+@contextlib.contextmanager
+def _catch_sigint() -> Iterator[list[bool]]:
+    """A flag set by the first Ctrl-C (the loop then saves and stops); a second one aborts."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _default_load(checkpoint: Path, model: nn.Module) -> None:
+    from tinylm.run import WEIGHTS_FILE, load_weights
+
+    load_weights(model, checkpoint / WEIGHTS_FILE)  # type: ignore[arg-type]
+
+
+class _Session:
+    """The state of one `train` call: model, optimizers, counters and how to save."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, dist: DistInfo, run_dir: Path,
+                 save_model: SaveFn, load_model: LoadFn) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        self.cfg, self.dist, self.run_dir = cfg, dist, run_dir
+        self.save_model, self.load_model = save_model, load_model
+        if cfg.fsdp and cfg.optimizer == "muon":
+            raise TinyLMError("train.optimizer=muon does not work with --fsdp", "use adamw")
+        model.to(dist.device)
+        # Under FSDP rank 0 keeps an unsharded CPU copy to write (and read) whole weights.
+        self.shadow = copy.deepcopy(model).to("cpu") if cfg.fsdp and dist.is_main else None
+        if cfg.fsdp:
+            shard_model(model, dist)
+        self.model = model
+        self.optimizers = build_optimizers(model, cfg)
+        self.full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self.progress: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "eval_s": 0.0,
+                                         "seed": cfg.seed, "last_eval": {}}
+
+    def save(self, step: int) -> Path | None:
+        """A checkpoint after `step` steps (collective; rank 0 writes). Its path on rank 0."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        optim_state = get_optimizer_state_dict(self.model, self.optimizers, options=self.full)
+        to_write = self.model
+        if self.cfg.fsdp:
+            full_weights = get_model_state_dict(self.model, options=self.full)
+            if self.shadow is not None:
+                self.shadow.load_state_dict(full_weights)
+                to_write = self.shadow
+        path = None
+        if self.dist.is_main:
+            info = {k: self.progress[k] for k in ("step", "tokens", "elapsed_s", "last_eval")}
+            path = ckpt.write_checkpoint(
+                self.run_dir, step, lambda d: self.save_model(d, to_write, info),
+                optim_state, dict(self.progress), self.cfg.keep_checkpoints,
+            )
+        barrier(self.dist)
+        return path
+
+    def restore(self) -> Path:
+        """Load the latest checkpoint into the model and optimizers; return its path."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = ckpt.require_checkpoint(self.run_dir)
+        progress, optim_state = ckpt.read_train_state(path) if self.dist.is_main else ({}, {})
+        if self.cfg.fsdp:
+            weights: dict[str, torch.Tensor] = {}
+            if self.shadow is not None:
+                self.load_model(path, self.shadow)
+                weights = self.shadow.state_dict()
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_model_state_dict(self.model, weights, options=options)
+        elif self.dist.is_main:
+            self.load_model(path, self.model)  # DDP copies rank 0's weights to the others
+        progress, optim_state = broadcast_object((progress, optim_state), self.dist)
+        # The moments come from the checkpoint; hyper-parameters (lr, decay, betas) from the
+        # current config, so `--set train.lr=...` on resume takes effect.
+        settings = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
+                    for o in self.optimizers]
+        set_optimizer_state_dict(self.model, self.optimizers, optim_state,
+                                 options=StateDictOptions(full_state_dict=True))
+        for optimizer, groups in zip(self.optimizers, settings, strict=True):
+            for group, setting in zip(optimizer.param_groups, groups, strict=True):
+                group.update(setting)
+        self.progress.update(progress)
+        self.progress.pop("format", None)
+        return path
+
+
+def train(
+    model: nn.Module,
+    batches: BatchFn,
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    *,
+    run_dir: str | Path,
+    accum_steps: int,
+    save_model: SaveFn,
+    evaluate: EvalFn | None = None,
+    load_model: LoadFn = _default_load,
+    dist: DistInfo | None = None,
+    resume: bool = False,
+    config: dict[str, Any] | None = None,
+    title: str = "train",
+    out: Output = SILENT,
+) -> TrainResult:
+    """Train `model` for `cfg.max_steps` optimizer steps (or `cfg.max_time` seconds).
+
+    Each step runs `accum_steps` micro-batches per process, then one optimizer update. Writes
+    RUN/metrics.jsonl, checkpoints (every `cfg.save_every` steps and at the end), and at the
+    end report.md and loss_curve.png (with `config`, the effective settings, in the report).
+    With `resume`, continues from the latest checkpoint in `run_dir` exactly. Raises
+    `TinyLMError` if the loss becomes NaN or infinite (the last good checkpoint stays).
+    """
+    dist = dist or DistInfo()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        ckpt.remove_partial(run_dir)
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    session = _Session(model, cfg, dist, run_dir, save_model, load_model)
+    resumed_from = session.restore() if resume else None
+    progress = session.progress
+    log = MetricsLog(run_dir, progress["step"] if resume else None) if dist.is_main else None
+    if resumed_from is not None:
+        out.info(f"resuming from {resumed_from} (step {progress['step']})")
+    runner = _Runner(session, wrap_for_training(model, dist, cfg.compile, cfg.fsdp), batches,
+                     loss_fn, evaluate, accum_steps, log, out)
+    try:
+        with _catch_sigint() as interrupted, out.progress(title, total=cfg.max_steps) as bar:
+            bar.advance(progress["step"])
+            result = runner.run(interrupted, bar)
+    finally:
+        if log is not None:
+            log.close()
+    if dist.is_main:
+        summary = _summary(result)
+        finish_report(run_dir, title, summary, config or {})
+        out.table(f"{title}: {run_dir}", summary)
+    return result
+
+
+def _summary(result: TrainResult) -> dict[str, Any]:
+    rows: dict[str, Any] = {"steps": result.step, "tokens": result.tokens,
+                            "time_s": round(result.elapsed_s, 1),
+                            "tokens_per_s": round(result.tokens / max(result.elapsed_s, 1e-9))}
+    if result.loss is not None:
+        rows["train_loss"] = result.loss
+    rows.update(result.eval)
+    rows["stopped"] = result.stopped
+    rows["run"] = str(result.run_dir)
+    return rows
+
+
+class _Runner:
+    """The step loop proper; separated from `train` so each part reads in one screen."""
+
+    def __init__(self, session: _Session, train_model: nn.Module, batches: BatchFn,
+                 loss_fn: LossFn, evaluate: EvalFn | None, accum_steps: int,
+                 log: MetricsLog | None, out: Output) -> None:
+        self.s, self.model, self.batches, self.loss_fn = session, train_model, batches, loss_fn
+        self.evaluate, self.accum, self.log, self.out = evaluate, accum_steps, log, out
+        self.cfg, self.dist = session.cfg, session.dist
+        self.autocast = autocast_context(self.dist.device, self.cfg.precision)
+        self.params = [p for p in session.model.parameters() if p.requires_grad]
+
+    def forward_backward(self, step: int) -> dict[str, torch.Tensor]:
+        """All micro-batches of one step; the summed loss, count, tokens and extra metrics."""
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(self.accum):
+            batch = to_device(self.batches(step, self.dist.rank * self.accum + micro),
+                              self.dist.device)
+            with gradient_sync(self.model, micro == self.accum - 1):
+                with self.autocast:
+                    result = LossOutput(*self.loss_fn(self.model, batch))
+                result.loss_sum.backward()
+            parts = {"loss": result.loss_sum.detach(), "count": result.count,
+                     "tokens": result.count if result.tokens is None else result.tokens,
+                     **(result.metrics or {})}
+            for key, value in parts.items():
+                value = torch.as_tensor(value, dtype=torch.float64, device=self.dist.device)
+                sums[key] = sums[key] + value.detach() if key in sums else value.detach()
+        return sums
+
+    def run(self, interrupted: list[bool], bar: Any) -> TrainResult:
+        """Steps until max_steps, max_time or Ctrl-C; evaluates, logs and saves on the way."""
+        cfg, dist, p = self.cfg, self.dist, self.s.progress
+        start = time.perf_counter() - p["elapsed_s"]
+        window_time, window_tokens = 0.0, 0  # tokens/s leaves evaluation and saving out
+        loss, saved, stopped = None, None, "finished"
+        self.model.train()
+        while p["step"] < cfg.max_steps:
+            step_start, step = time.perf_counter(), p["step"]
+            lr_scale = lr_multiplier(step, cfg)
+            set_lr(self.s.optimizers, lr_scale)
+            torch.manual_seed(step_seed(cfg.seed, step, dist.rank))  # dropout, exact on resume
+            sums = self.forward_backward(step)
+            keys = sorted(sums)
+            time_up = cfg.max_time is not None and step_start - start >= cfg.max_time
+            flags = torch.tensor([float(interrupted[0]), float(time_up and dist.is_main)],
+                                 dtype=torch.float64, device=dist.device)
+            reduced = all_reduce_sum(torch.cat([torch.stack([sums[k] for k in keys]), flags]), dist)
+            values = reduced.tolist()
+            totals = {k: values[i] for i, k in enumerate(keys)}
+            stop_interrupt, stop_time = values[-2] > 0, values[-1] > 0
+            count = max(totals["count"], 1e-12)
+            for param in self.params:  # gradients hold sums; make them the global-batch mean
+                if param.grad is not None:
+                    param.grad.mul_(dist.world_size / count)
+            norm = torch.nn.utils.clip_grad_norm_(
+                self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            loss = totals["loss"] / count
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                self._diverged(step, loss, grad_norm)
+            for optimizer in self.s.optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            p["step"] = step + 1
+            p["tokens"] += int(totals["tokens"])
+            p["elapsed_s"] = time.perf_counter() - start
+            window_time += time.perf_counter() - step_start
+            window_tokens += int(totals["tokens"])
+            tok_s = window_tokens / max(window_time, 1e-9)
+            bar.advance(1, loss=loss, tok_s=round(tok_s))
+            last = p["step"] == cfg.max_steps or stop_interrupt or stop_time
+            if p["step"] % cfg.log_every == 0 or last:
+                extra = {k: totals[k] / count for k in keys if k not in ("loss", "count", "tokens")}
+                lr = self.s.optimizers[-1].param_groups[0]["lr"]  # AdamW's, under Muon too
+                self._log({"step": p["step"], "loss": loss, "lr": lr,
+                           "tokens": p["tokens"], "elapsed_s": round(p["elapsed_s"], 3),
+                           "tokens_per_s": round(tok_s, 1), "grad_norm": grad_norm, **extra})
+                window_time, window_tokens = 0.0, 0
+            stopped = "interrupted" if stop_interrupt else "max_time" if stop_time else stopped
+            due_eval = cfg.eval_every > 0 and p["step"] % cfg.eval_every == 0
+            if self.evaluate is not None and (due_eval or (last and not stop_interrupt)):
+                self._eval(start)
+            if (cfg.save_every > 0 and p["step"] % cfg.save_every == 0) or last:
+                saved = self.s.save(p["step"])
+            if stop_interrupt or stop_time:
+                break
+        return TrainResult(self.s.run_dir, p["step"], p["tokens"], p["elapsed_s"], loss,
+                           dict(p["last_eval"]), stopped, saved)
+
+    def _eval(self, start: float) -> None:
+        assert self.evaluate is not None
+        p = self.s.progress
+        t0 = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            metrics = self.evaluate(self.model)
+        self.model.train()
+        if self.cfg.fsdp:
+            reshard(self.s.model)
+        p["eval_s"] += time.perf_counter() - t0
+        p["elapsed_s"] = time.perf_counter() - start
+        p["last_eval"] = {k: float(v) for k, v in metrics.items()}
+        self._log({"step": p["step"], **p["last_eval"], "tokens": p["tokens"],
+                   "elapsed_s": round(p["elapsed_s"], 3), "eval_s": round(p["eval_s"], 3)})
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in p["last_eval"].items())
+        self.out.info(f"step {p['step']}: {shown}")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write(record)
+
+    def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
+        last = ckpt.latest_checkpoint(self.s.run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        raise TinyLMError(
+            f"training diverged at step {step + 1}: {what}; stopped, {kept}",
+            "lower train.lr or raise train.warmup_steps, then --resume or start again",
+        )

@@ -1,0 +1,111 @@
+"""What a run leaves to read: metrics.jsonl, the loss-curve PNG and report.md.
+
+metrics.jsonl has one JSON object per line: training lines carry `loss` (and step, lr, tokens,
+elapsed_s, tokens_per_s, grad_norm), evaluation lines carry `val_loss`, `val_bpb` and `eval_s`
+(the seconds spent evaluating so far, so time-to-quality can leave evaluation out).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tinylm.console import format_value
+from tinylm.textio import atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+CURVE_FILE = "loss_curve.png"
+REPORT_FILE = "report.md"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (a missing file has none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+class MetricsLog:
+    """Appends records to RUN/metrics.jsonl, flushed line by line so a crash loses nothing."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        # On resume, the lines a killed run wrote after its last checkpoint are replayed, so
+        # they are dropped first; a fresh run starts an empty file.
+        kept = []
+        if resume_step is not None:
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record."""
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Training and validation loss against steps, as a PNG (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1)
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], label="val loss", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_report(
+    run_dir: Path, title: str, summary: dict[str, Any], records: list[dict[str, Any]],
+    config: dict[str, Any],
+) -> None:
+    """report.md: the summary, the evaluations over time, the curve and the settings."""
+    lines = [f"# {title}: {run_dir.name}", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {format_value(value)} |" for key, value in summary.items()]
+    evals = [r for r in records if "val_loss" in r]
+    if evals:
+        lines += ["", "## Evaluations", "", "| step | tokens | elapsed_s | val_loss | val_bpb |",
+                  "|---:|---:|---:|---:|---:|"]
+        for r in evals:
+            cells = [r.get(k) for k in ("step", "tokens", "elapsed_s", "val_loss", "val_bpb")]
+            lines.append("| " + " | ".join(format_value(c) for c in cells) + " |")
+    lines += ["", f"![loss curve]({CURVE_FILE})", "", "## Settings", "", "```json",
+              json.dumps(config, indent=2), "```", ""]
+    atomic_write_text(run_dir / REPORT_FILE, "\n".join(lines))
+
+
+def finish_report(
+    run_dir: Path, title: str, summary: dict[str, Any], config: dict[str, Any]
+) -> None:
+    """Write the loss curve and report.md from the run's metrics.jsonl."""
+    records = read_metrics(run_dir / METRICS_FILE)
+    plot_loss_curve(records, run_dir / CURVE_FILE, f"{title}: {run_dir.name}")
+    write_report(run_dir, title, summary, records, config)
