@@ -6,7 +6,10 @@ libraries (torch, peft) are imported inside the commands so that `tinylm --help`
 
 # Each import registers its module's commands on `app`.
 from tinylm.cli import (  # noqa: F401
+    finetune,
+    generate,
     info,
+    pretrain,
     tokenize,
 )
 from tinylm.cli.app import app
