@@ -1,0 +1,71 @@
+"""`tinylm export` and `tinylm import`: to and from a Hugging Face `transformers` directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tinylm.cli.app import Force, Json, Quiet, app, output
+
+
+@app.command("export")
+def export(
+    model: Annotated[Path, typer.Option("--model", "-m", help="The run directory to export.")],
+    output_dir: Annotated[
+        Path, typer.Option("--output", "-o", help="The Hugging Face model directory to write.")
+    ],
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Weight dtype: float32, bfloat16 or float16.")
+    ] = "float32",
+    force: Force = False,
+    quiet: Quiet = False,
+    json: Json = False,
+) -> None:
+    """Write a run as a Hugging Face model directory (config.json, model.safetensors,
+    tokenizer files with the chat template) that `transformers` loads with the same logits.
+
+    Examples:
+
+        tinylm export --model runs/sft -o hf/sft
+
+        tinylm export --model runs/base -o hf/base --dtype bfloat16 --force
+
+    Then in Python: AutoModelForCausalLM.from_pretrained("hf/sft").
+    """
+    from tinylm.interop import export_hf
+
+    out = output(quiet, json)
+    summary = export_hf(model, output_dir, dtype=dtype, force=force, out=out)
+    out.table("export", summary)
+
+
+@app.command("import")
+def import_(
+    source: Annotated[
+        Path, typer.Argument(help="A local Hugging Face model directory (Llama-style or GPT-2).")
+    ],
+    output_dir: Annotated[Path, typer.Option("--output", "-o", help="The run directory to write.")],
+    force: Force = False,
+    quiet: Quiet = False,
+    json: Json = False,
+) -> None:
+    """Turn a local Hugging Face model directory into a tinylm run.
+
+    Supported: LlamaForCausalLM (Llama, SmolLM), MistralForCausalLM without sliding windows,
+    Qwen2ForCausalLM when its attention biases are zero, and GPT2LMHeadModel, with a byte-level
+    BPE tokenizer.json and safetensors weights. Anything tinylm cannot reproduce exactly
+    (rope scaling, sliding windows, biases, SentencePiece tokenizers) is refused by name.
+
+    Examples:
+
+        tinylm import ~/models/SmolLM2-135M -o runs/smol
+
+        tinylm import ./gpt2 -o runs/gpt2 --force
+    """
+    from tinylm.interop import import_hf
+
+    out = output(quiet, json)
+    summary = import_hf(source, output_dir, force=force, out=out)
+    out.table("import", summary)

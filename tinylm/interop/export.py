@@ -1,0 +1,121 @@
+"""`tinylm export`: a run as a Hugging Face `transformers` model directory.
+
+    DIR/config.json              LlamaConfig (llama family) or GPT2Config (gpt2 family)
+    DIR/model.safetensors        the weights under Hugging Face names, in the chosen dtype
+    DIR/generation_config.json   bos/eos/pad ids (eos: <|endoftext|> and <|im_end|>)
+    DIR/tokenizer.json           the run's tokenizer, unchanged
+    DIR/tokenizer_config.json    special tokens and the ChatML template as Jinja
+    DIR/special_tokens_map.json
+
+The directory is built under a temporary name beside DIR and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tinylm.chat import END_OF_TEXT
+from tinylm.console import SILENT, Output, Stopwatch
+from tinylm.errors import TinyLMError
+from tinylm.interop import hf_tokenizer
+from tinylm.interop.hf_config import to_hf_config
+from tinylm.interop.hf_weights import to_hf_state
+from tinylm.textio import check_output_dir
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def check_distinct(source: Path, out_dir: Path) -> None:
+    """Refuse to write over the input directory (which --force would otherwise allow)."""
+    if out_dir.exists() and out_dir.resolve() == source.resolve():
+        raise TinyLMError(f"{out_dir}: is the input directory too", "choose another -o directory")
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete directory `tmp` to `final`, replacing what is there (already allowed by
+    --force); the old one is removed only after the new one is in place."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        final.rename(old / final.name)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_hf(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    force: bool = False,
+    out: Output = SILENT,
+) -> dict[str, Any]:
+    """Write the run at `run_dir` as a Hugging Face model directory `out_dir`; a summary dict.
+
+    Raises `TinyLMError` for a missing run, an existing `out_dir` without `force`, an unknown
+    dtype, or a model Hugging Face Llama/GPT-2 cannot express (post-norm blocks).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from tinylm.lora import is_adapter_run
+    from tinylm.run import load_run
+
+    if dtype not in DTYPES:
+        raise TinyLMError(f"--dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if is_adapter_run(run_dir):
+        # LoRA export (issue 7, waiting on the LoRA issue) goes here: export the base run as
+        # below plus the PEFT adapter files beside it, or with --merge the merged weights
+        # (tinylm.lora.load_adapter_run merges them) through the same code path.
+        raise TinyLMError(
+            f"{run_dir}: is a LoRA adapter run; exporting adapters is not supported yet",
+            "export its base run",
+        )
+    check_distinct(run_dir, out_dir)
+    check_output_dir(out_dir, force)
+    clock = Stopwatch()
+    run = load_run(run_dir)
+    config, tokenizer = run.model.config, run.tokenizer
+    eot_id = tokenizer.special_tokens.get(END_OF_TEXT)
+    hf_config = to_hf_config(config, eot_id=eot_id, dtype=dtype)
+    out.info(f"exporting {run_dir} ({config.family}) to {out_dir}")
+    state = to_hf_state(run.model.state_dict(), config)
+    state = {name: t.to(getattr(torch, dtype)).contiguous() for name, t in state.items()}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", hf_config)
+        tokenizer.save(tmp / "tokenizer.json")
+        files = {
+            "generation_config.json": hf_tokenizer.generation_config(tokenizer, eot_id),
+            "tokenizer_config.json": hf_tokenizer.tokenizer_config(tokenizer, config.max_seq_len),
+            "special_tokens_map.json": hf_tokenizer.special_tokens_map(tokenizer),
+        }
+        for name, obj in files.items():
+            _write_json(tmp / name, obj)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = {
+        "path": str(out_dir),
+        "architecture": hf_config["architectures"][0],
+        "parameters": sum(t.numel() for t in state.values()),
+        "dtype": dtype,
+        "vocab_size": config.vocab_size,
+        "tied_embeddings": config.tie_embeddings,
+        "elapsed_s": clock.elapsed,
+    }
+    return summary

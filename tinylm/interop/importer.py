@@ -1,0 +1,106 @@
+"""`tinylm import`: a local Hugging Face model directory as a tinylm run.
+
+Reads config.json, the safetensors weights and a byte-level BPE tokenizer.json (JSON and
+safetensors only), checks that tinylm computes exactly what `transformers` does for this model,
+and writes a run directory through `tinylm.run.save_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tinylm.console import SILENT, Output, Stopwatch
+from tinylm.errors import TinyLMError
+from tinylm.interop.export import check_distinct, replace_dir
+from tinylm.interop.hf_config import from_hf_config
+from tinylm.interop.hf_tokenizer import check_hf_tokenizer
+from tinylm.interop.hf_weights import from_hf_state, read_hf_weights
+from tinylm.textio import check_output_dir
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    """A Hugging Face model directory's config.json."""
+    if not directory.is_dir():
+        raise TinyLMError(f"{directory}: no such directory", "give a local Hugging Face model dir")
+    file = directory / "config.json"
+    if not file.is_file():
+        raise TinyLMError(f"{directory}: no config.json; not a Hugging Face model directory")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TinyLMError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise TinyLMError(f"{file}: expected a JSON object")
+    return config
+
+
+def load_hf_model(directory: str | Path, out: Output = SILENT) -> tuple[Any, Any, str]:
+    """(tinylm `Transformer` in eval mode, `Tokenizer`, architecture) for a Hugging Face dir."""
+    from tinylm.model import Transformer
+    from tinylm.tokenizer import Tokenizer
+
+    directory = Path(directory)
+    hf = read_hf_config(directory)
+    config, arch = from_hf_config(hf, str(directory / "config.json"))
+    tokenizer_file = directory / "tokenizer.json"
+    check_hf_tokenizer(tokenizer_file, out)
+    tokenizer = Tokenizer.load(tokenizer_file)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise TinyLMError(
+            f"{tokenizer_file}: {tokenizer.vocab_size} tokens, but the model has only "
+            f"{config.vocab_size} embeddings"
+        )
+    state = from_hf_state(read_hf_weights(directory), config, str(directory))
+    model = Transformer(config)
+    expected = model.state_dict()
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what, name = ("missing", missing[0]) if missing else ("unexpected", unexpected[0])
+        raise TinyLMError(f"{directory}: {what} tensor {name!r} for {arch} as configured")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise TinyLMError(
+                f"{directory}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+    return model.eval(), tokenizer, arch
+
+
+def import_hf(
+    source: str | Path, out_dir: str | Path, *, force: bool = False, out: Output = SILENT
+) -> dict[str, Any]:
+    """Write the Hugging Face model at `source` as a tinylm run in `out_dir`; a summary dict."""
+    from tinylm.run import save_run
+
+    source, out_dir = Path(source), Path(out_dir)
+    check_distinct(source, out_dir)
+    check_output_dir(out_dir, force)
+    clock = Stopwatch()
+    out.info(f"importing {source} to {out_dir}")
+    model, tokenizer, arch = load_hf_model(source, out)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        save_run(tmp, model, tokenizer, {"stage": "import", "source": str(source)})
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    config = model.config
+    return {
+        "path": str(out_dir),
+        "architecture": arch,
+        "family": config.family,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": config.vocab_size,
+        "tokenizer_vocab_size": tokenizer.vocab_size,
+        "elapsed_s": clock.elapsed,
+    }
