@@ -6,6 +6,8 @@ libraries (torch, peft) are imported inside the commands so that `tinylm --help`
 
 # Each import registers its module's commands on `app`.
 from tinylm.cli import (  # noqa: F401
+    data,
+    dpo,
     export,
     finetune,
     generate,
