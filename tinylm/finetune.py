@@ -152,7 +152,7 @@ def effective_config(cfg: FinetuneConfig, train_cfg: FinetuneTrainConfig) -> dic
     return {**to_dict(cfg), "train": to_dict(train_cfg)}
 
 
-def _data_meta(files: list[Path], val_files: list[Path], train_stats: EncodeStats,
+def data_meta(files: list[Path], val_files: list[Path], train_stats: EncodeStats,
                val_stats: EncodeStats | None) -> dict[str, Any]:
     from tinylm.data import file_digest
 
@@ -177,7 +177,7 @@ def _report_counts(what: str, stats: EncodeStats, context: int, out: Output) -> 
                  f"context and were skipped (first: {first})")
 
 
-def _check_resume_data(out_dir: Path, digests: dict[str, str]) -> None:
+def check_resume_data(out_dir: Path, digests: dict[str, str]) -> None:
     """On --resume, the data must be what the run started with (the batches depend on it)."""
     from tinylm.run import read_run_config
     from tinylm.train.checkpoint import latest_checkpoint
@@ -244,9 +244,9 @@ def run_finetune(
     if not train_examples:
         raise TinyLMError("no training example has a response token within the context",
                           "raise data.max_length or shorten the prompts")
-    data_meta = _data_meta(data_files, val_files, train_stats, val_stats)
+    data_meta = data_meta(data_files, val_files, train_stats, val_stats)
     if resume:
-        _check_resume_data(out_dir, data_meta["digests"])
+        check_resume_data(out_dir, data_meta["digests"])
 
     t = cfg.train
     accum = accumulation_steps(t.batch_size, t.micro_batch, dist.world_size, "train.batch_size")
