@@ -30,8 +30,8 @@ from tinylm.errors import TinyLMError
 from tinylm.finetune import (
     FinetuneTrainConfig,
     check_resume_data,
-    data_meta,
     clear_run,
+    describe_data,
     split_validation,
 )
 from tinylm.lora import LoraSettings
@@ -299,7 +299,7 @@ def run_dpo(cfg: DPOConfig, base: str | Path, data_files: list[Path], out_dir: s
     if not train_enc:
         raise TinyLMError("no preference pair has response tokens within the context",
                           "raise data.max_length or shorten the prompts")
-    data_meta = data_meta(data_files, val_files, train_stats, val_stats)
+    data_meta = describe_data(data_files, val_files, train_stats, val_stats)
     data_meta["identical_pairs"] = identical
     if resume:
         check_resume_data(out_dir, data_meta["digests"])

@@ -152,7 +152,7 @@ def effective_config(cfg: FinetuneConfig, train_cfg: FinetuneTrainConfig) -> dic
     return {**to_dict(cfg), "train": to_dict(train_cfg)}
 
 
-def data_meta(files: list[Path], val_files: list[Path], train_stats: EncodeStats,
+def describe_data(files: list[Path], val_files: list[Path], train_stats: EncodeStats,
                val_stats: EncodeStats | None) -> dict[str, Any]:
     from tinylm.data import file_digest
 
@@ -244,7 +244,7 @@ def run_finetune(
     if not train_examples:
         raise TinyLMError("no training example has a response token within the context",
                           "raise data.max_length or shorten the prompts")
-    data_meta = data_meta(data_files, val_files, train_stats, val_stats)
+    data_meta = describe_data(data_files, val_files, train_stats, val_stats)
     if resume:
         check_resume_data(out_dir, data_meta["digests"])
 
