@@ -22,8 +22,24 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard tinylm/tokenizer/_c/*) | 
 
 install: $(VENV)/.installed
 
+# Until `tinylm quickstart` lands, the demo runs every stage that exists on the built-in
+# synthetic world: data -> tokenizer -> pretrain -> finetune -> dpo -> eval -> generate.
+DEMO ?= demo
+TL := $(BIN)/tinylm
 demo: install
-	$(BIN)/tinylm demo -o demo --force
+	$(TL) data synth -o $(DEMO)/data --force
+	$(TL) tokenize $(DEMO)/data/corpus.txt --vocab-size 2048 -o $(DEMO)/tokenizer --force
+	$(TL) pretrain --config tiny --data $(DEMO)/data/corpus.txt --tokenizer $(DEMO)/tokenizer \
+		-o $(DEMO)/base --max-steps 300 --set train.batch_tokens=4096 --set train.warmup_steps=30 \
+		--set train.eval_every=100 --force
+	$(TL) finetune --base $(DEMO)/base --data $(DEMO)/data/sft.jsonl \
+		--val-data $(DEMO)/data/sft_eval.jsonl -o $(DEMO)/sft --max-steps 150 --force
+	$(TL) dpo --base $(DEMO)/sft --data $(DEMO)/data/prefs.jsonl \
+		--val-data $(DEMO)/data/prefs_eval.jsonl -o $(DEMO)/dpo --max-steps 60 --force
+	$(TL) eval --model $(DEMO)/dpo --data $(DEMO)/data/corpus.txt
+	$(TL) generate --model $(DEMO)/dpo --chat --temperature 0 "$$($(BIN)/python -c \
+		'import json,sys; print(json.loads(open(sys.argv[1]).readline())["messages"][0]["content"])' \
+		$(DEMO)/data/sft_eval.jsonl)"
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -31,6 +47,8 @@ test: install
 bench: install
 	$(BIN)/pip install -q -e ".[bench]" "$(TORCH)"
 	$(BIN)/python bench/tokenizer.py
+	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/generate.py
 
 lint: install
 	$(BIN)/pip install -q ruff
