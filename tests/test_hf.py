@@ -376,3 +376,113 @@ def test_import_gpt2_original_tensor_names(tmp_path, hf_tokenizer_json):
     ours = load_run(tmp_path / "run").model.state_dict()
     c_attn = state["transformer.h.1.attn.c_attn.weight"]  # (in, 3 * out), Conv1D layout
     assert torch.equal(ours["model.layers.1.self_attn.k_proj.weight"], c_attn[:, 32:64].t())
+
+
+def _make_adapter_run(path: Path, base: Path, seed: int, targets: str = "q_proj,v_proj") -> Path:
+    """A LoRA adapter run on `base` (a run or an adapter run) with nonzero random B matrices."""
+    from tinylm.lora import LoraSettings, apply_lora, is_adapter_run, load_adapter_run, save_adapter
+
+    base_model = (load_adapter_run(base) if is_adapter_run(base) else load_run(base)).model
+    model = apply_lora(base_model, LoraSettings(enabled=True, rank=4, alpha=8.0, dropout=0.0,
+                                                targets=targets))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    path.mkdir()
+    save_adapter(path, model, base, {"stage": "finetune"})
+    (path / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
+    return path
+
+
+def _lora_ids(tok) -> torch.Tensor:
+    return torch.randint(0, tok.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def test_export_lora_run_loads_with_peft_on_the_exported_model(tmp_path, tok):
+    """An adapter on an adapter run: DIR is the merged base, DIR/adapter the last adapter."""
+    from peft import PeftModel
+
+    from tinylm.lora import load_adapter_run
+
+    base = _make_run(tmp_path / "base", tok, family="llama", n_kv_heads=2, tie_embeddings=False)
+    first = _make_adapter_run(tmp_path / "first", base, seed=1)
+    second = _make_adapter_run(tmp_path / "second", first, seed=2, targets="all-linear")
+    out = tmp_path / "hf"
+    result = runner.invoke(app, ["export", "--model", str(second), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["adapter"] == str(out / "adapter") and summary["lora_rank"] == 4
+    assert summary["merged"] is False
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(out.resolve())
+    ids = _lora_ids(tok)
+    with torch.no_grad():
+        expected = load_adapter_run(second, no_merge=True).model(ids)
+        base_only = load_adapter_run(first).model(ids)
+        hf = _load_hf(out)
+        assert torch.allclose(hf(ids).logits, base_only, atol=1e-4, rtol=0)
+        peft_model = PeftModel.from_pretrained(hf, str(out / "adapter")).eval()
+        actual = peft_model(input_ids=ids).logits
+    assert not torch.allclose(expected, base_only, atol=1e-3)  # the adapter matters
+    assert torch.allclose(actual, expected, atol=1e-4, rtol=0), (actual - expected).abs().max()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_lora_run_merged(tmp_path, tok, family):
+    from tinylm.lora import load_adapter_run
+
+    base = _make_run(tmp_path / "base", tok, family=family)
+    adapter = _make_adapter_run(tmp_path / "lora", base, seed=4)
+    out = tmp_path / "hf"
+    result = runner.invoke(app, ["export", "--model", str(adapter), "-o", str(out), "--merge",
+                                 "-q"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "adapter").exists()
+    ids = _lora_ids(tok)
+    with torch.no_grad():
+        expected = load_adapter_run(adapter).model(ids)
+        actual = _load_hf(out)(ids).logits
+        assert not torch.allclose(expected, load_run(base).model(ids), atol=1e-3)
+    assert torch.allclose(actual, expected, atol=1e-4, rtol=0), (actual - expected).abs().max()
+
+
+@pytest.mark.parametrize("targets", ["q_proj,v_proj", "all-linear"])
+def test_export_gpt2_lora_run_fuses_qkv_adapters_for_peft(tmp_path, tok, targets):
+    """GPT-2's fused c_attn gets one block-diagonal adapter that computes ours exactly."""
+    from peft import PeftModel
+
+    from tinylm.lora import load_adapter_run
+
+    base = _make_run(tmp_path / "base", tok, family="gpt2", tie_embeddings=False)
+    adapter = _make_adapter_run(tmp_path / "lora", base, seed=6, targets=targets)
+    out = tmp_path / "hf"
+    result = runner.invoke(app, ["export", "--model", str(adapter), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    n = 2 if targets == "q_proj,v_proj" else 3
+    assert config["rank_pattern"] == {"c_attn": 4 * n}
+    assert config["alpha_pattern"] == {"c_attn": 8.0 * n}
+    ids = _lora_ids(tok)
+    with torch.no_grad():
+        expected = load_adapter_run(adapter, no_merge=True).model(ids)
+        peft_model = PeftModel.from_pretrained(_load_hf(out), str(out / "adapter")).eval()
+        actual = peft_model(input_ids=ids).logits
+        assert not torch.allclose(expected, load_run(base).model(ids), atol=1e-3)
+    assert torch.allclose(actual, expected, atol=1e-4, rtol=0), (actual - expected).abs().max()
+
+
+def test_export_lora_refusals(tmp_path, tok):
+    base = _make_run(tmp_path / "base", tok, family="gpt2")
+    adapter = _make_adapter_run(tmp_path / "lora", base, seed=5)
+    config_file = adapter / "adapter_config.json"
+    config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), use_rslora=True)))
+    result = runner.invoke(app, ["export", "--model", str(adapter), "-o", str(tmp_path / "hf")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "--merge" in result.stderr
+    assert "use_rslora" in result.stderr and not (tmp_path / "hf").exists()
+    assert not list(tmp_path.glob(".hf*")), "temporary directory left behind"
+    result = runner.invoke(app, ["export", "--model", str(base), "-o", str(tmp_path / "hf"),
+                                 "--merge"])
+    assert result.exit_code == 2 and "not a LoRA adapter run" in result.stderr

@@ -19,6 +19,11 @@ def export(
     dtype: Annotated[
         str, typer.Option("--dtype", help="Weight dtype: float32, bfloat16 or float16.")
     ] = "float32",
+    merge: Annotated[
+        bool,
+        typer.Option("--merge", help="For a LoRA run: export the merged weights as a plain model "
+                     "instead of the base model plus a PEFT adapter."),
+    ] = False,
     force: Force = False,
     quiet: Quiet = False,
     json: Json = False,
@@ -26,18 +31,26 @@ def export(
     """Write a run as a Hugging Face model directory (config.json, model.safetensors,
     tokenizer files with the chat template) that `transformers` loads with the same logits.
 
+    A LoRA run (tinylm finetune --lora) exports its base model as DIR and the adapter as
+    DIR/adapter for PEFT, or with --merge the merged weights.
+
     Examples:
 
         tinylm export --model runs/sft -o hf/sft
 
         tinylm export --model runs/base -o hf/base --dtype bfloat16 --force
 
-    Then in Python: AutoModelForCausalLM.from_pretrained("hf/sft").
+        tinylm export --model runs/lora -o hf/lora
+
+        tinylm export --model runs/lora -o hf/lora-merged --merge
+
+    Then in Python: AutoModelForCausalLM.from_pretrained("hf/sft"), and for a LoRA export
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("hf/lora"), "hf/lora/adapter").
     """
     from tinylm.interop import export_hf
 
     out = output(quiet, json)
-    summary = export_hf(model, output_dir, dtype=dtype, force=force, out=out)
+    summary = export_hf(model, output_dir, dtype=dtype, merge=merge, force=force, out=out)
     out.table("export", summary)
 
 

@@ -6,6 +6,7 @@
     DIR/tokenizer.json           the run's tokenizer, unchanged
     DIR/tokenizer_config.json    special tokens and the ChatML template as Jinja
     DIR/special_tokens_map.json
+    DIR/adapter/                 for a LoRA run without --merge: the PEFT adapter (see adapter.py)
 
 The directory is built under a temporary name beside DIR and renamed when complete.
 """
@@ -56,44 +57,56 @@ def export_hf(
     out_dir: str | Path,
     *,
     dtype: str = "float32",
+    merge: bool = False,
     force: bool = False,
     out: Output = SILENT,
 ) -> dict[str, Any]:
     """Write the run at `run_dir` as a Hugging Face model directory `out_dir`; a summary dict.
 
+    A LoRA adapter run exports its base model (merged down when the base is itself an adapter
+    run) plus the adapter as `out_dir/adapter` for `peft.PeftModel.from_pretrained`, or with
+    `merge` the merged weights as a plain model.
+
     Raises `TinyLMError` for a missing run, an existing `out_dir` without `force`, an unknown
-    dtype, or a model Hugging Face Llama/GPT-2 cannot express (post-norm blocks).
+    dtype, `merge` on a run that is no adapter run, a gpt2-family adapter whose options do not
+    map exactly (see adapter.py) without `merge`, or a model Hugging Face Llama/GPT-2 cannot
+    express (post-norm blocks).
     """
     import torch
     from safetensors.torch import save_file
 
-    from tinylm.lora import is_adapter_run
+    from tinylm.interop import adapter as lora_export
+    from tinylm.lora import is_adapter_run, load_adapter_run
     from tinylm.run import load_run
 
     if dtype not in DTYPES:
         raise TinyLMError(f"--dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if is_adapter_run(run_dir):
-        # LoRA export (issue 7, waiting on the LoRA issue) goes here: export the base run as
-        # below plus the PEFT adapter files beside it, or with --merge the merged weights
-        # (tinylm.lora.load_adapter_run merges them) through the same code path.
-        raise TinyLMError(
-            f"{run_dir}: is a LoRA adapter run; exporting adapters is not supported yet",
-            "export its base run",
-        )
+    adapter_run = is_adapter_run(run_dir)
+    if merge and not adapter_run:
+        raise TinyLMError(f"--merge: {run_dir} is not a LoRA adapter run (no adapter_config.json)",
+                          "leave out --merge to export a plain run")
     check_distinct(run_dir, out_dir)
     check_output_dir(out_dir, force)
     clock = Stopwatch()
-    run = load_run(run_dir)
+    unmerged_adapter = adapter_run and not merge
+    if unmerged_adapter:
+        base_dir, run = lora_export.load_adapter_base(run_dir)
+        check_distinct(base_dir, out_dir)
+        peft_adapter = lora_export.read_peft_adapter(run_dir, run.model.config, dtype)
+    else:
+        run = load_adapter_run(run_dir) if adapter_run else load_run(run_dir)
     config, tokenizer = run.model.config, run.tokenizer
     eot_id = tokenizer.special_tokens.get(END_OF_TEXT)
     hf_config = to_hf_config(config, eot_id=eot_id, dtype=dtype)
-    out.info(f"exporting {run_dir} ({config.family}) to {out_dir}")
+    what = "base model and adapter" if unmerged_adapter else "merged" if merge else config.family
+    out.info(f"exporting {run_dir} ({what}) to {out_dir}")
     state = to_hf_state(run.model.state_dict(), config)
     state = {name: t.to(getattr(torch, dtype)).contiguous() for name, t in state.items()}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    extra: dict[str, Any] = {}
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config)
@@ -105,6 +118,9 @@ def export_hf(
         }
         for name, obj in files.items():
             _write_json(tmp / name, obj)
+        if unmerged_adapter:
+            extra = lora_export.write_peft_adapter(
+                tmp / lora_export.ADAPTER_SUBDIR, out_dir, *peft_adapter)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,6 +132,8 @@ def export_hf(
         "dtype": dtype,
         "vocab_size": config.vocab_size,
         "tied_embeddings": config.tie_embeddings,
+        "merged": merge,
+        **extra,
         "elapsed_s": clock.elapsed,
     }
     return summary
