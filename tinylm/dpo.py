@@ -30,9 +30,13 @@ from tinylm.errors import TinyLMError
 from tinylm.finetune import (
     FinetuneTrainConfig,
     check_resume_data,
-    clear_run,
+    checkpoint_callbacks,
     describe_data,
-    split_validation,
+    launch,
+    load_start,
+    make_trainable,
+    read_splits,
+    start_run,
 )
 from tinylm.lora import LoraSettings
 from tinylm.sft import collate_padded, encode_pairs, read_preference_pairs, sequence_logps
@@ -261,34 +265,13 @@ def run_dpo(cfg: DPOConfig, base: str | Path, data_files: list[Path], out_dir: s
             val_files: list[Path] | None = None, dist: DistInfo | None = None,
             resume: bool = False, force: bool = False, out: Output = SILENT) -> TrainResult:
     """Align the run `base` on preference pairs; write the run (or adapter run) `out_dir`."""
-    from tinylm.lora import (
-        apply_lora,
-        count_parameters,
-        is_adapter_run,
-        load_adapter,
-        load_adapter_run,
-        save_adapter,
-    )
-    from tinylm.run import TOKENIZER_FILE, WEIGHTS_FILE, load_run, load_weights, save_run
-    from tinylm.train.distributed import DistInfo
     from tinylm.train.loop import accumulation_steps, train
 
-    dist = dist or DistInfo()
-    base, out_dir, val_files = Path(base), Path(out_dir), list(val_files or [])
-    if not resume and force and out_dir.is_dir() and dist.is_main:
-        clear_run(out_dir)
-    pairs = [p for path in data_files for p in read_preference_pairs(path)]
-    if val_files:
-        train_pairs, val_pairs = pairs, [p for path in val_files
-                                         for p in read_preference_pairs(path)]
-    else:
-        train_pairs, val_pairs = split_validation(pairs, cfg.data.val_fraction, cfg.train.seed)
-    base_run = load_adapter_run(base) if is_adapter_run(base) else load_run(base)
-    model, tokenizer = base_run.model, base_run.tokenizer
-    context = cfg.data.max_length or model.config.max_seq_len
-    if not 2 <= context <= model.config.max_seq_len:
-        raise TinyLMError(f"data.max_length ({context}) must be between 2 and the model's "
-                          f"context ({model.config.max_seq_len})")
+    dist, base, out_dir, val_files = start_run(base, out_dir, val_files, dist, resume=resume,
+                                               force=force)
+    train_pairs, val_pairs = read_splits(read_preference_pairs, data_files, val_files,
+                                         cfg.data.val_fraction, cfg.train.seed)
+    model, tokenizer, context = load_start(base, cfg.data.max_length)
     train_enc, train_stats = encode_pairs(tokenizer, train_pairs, context)
     identical = sum(p.identical for p in train_pairs)
     _report("train", train_enc, train_stats, identical, out)
@@ -317,10 +300,7 @@ def run_dpo(cfg: DPOConfig, base: str | Path, data_files: list[Path], out_dir: s
                          train_ref)
     train_cfg = dataclasses.replace(t, max_steps=t.max_steps or source.steps_for(cfg.epochs),
                                     lr=t.lr or (LORA_LR if cfg.lora.enabled else FULL_LR))
-    torch.manual_seed(t.seed)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
-    trainable, total = count_parameters(model)
+    model, trainable, total = make_trainable(model, cfg.lora, t.seed)
     out.info(f"DPO ({cfg.loss_type}, beta {cfg.beta}, {'LoRA' if cfg.lora.enabled else 'full'}):"
              f" {trainable:,} of {total:,} parameters train; {train_cfg.max_steps} steps of "
              f"{t.batch_size} pairs")
@@ -330,19 +310,7 @@ def run_dpo(cfg: DPOConfig, base: str | Path, data_files: list[Path], out_dir: s
     if ref_model is not None:
         ref_model.to(dist.device)
 
-    def save_model(directory: Path, m: nn.Module, info: dict[str, Any]) -> None:
-        if cfg.lora.enabled:
-            save_adapter(directory, m, base, {**meta, "progress": info})
-            tokenizer.save(directory / TOKENIZER_FILE)
-        else:
-            run_meta = {**meta, "base_run": {"path": str(base.resolve())}, "progress": info}
-            save_run(directory, m, tokenizer, run_meta)  # type: ignore[arg-type]
-
-    def load_model(checkpoint: Path, m: nn.Module) -> None:
-        if cfg.lora.enabled:
-            load_adapter(m, checkpoint)
-        else:
-            load_weights(m, checkpoint / WEIGHTS_FILE)  # type: ignore[arg-type]
+    save_model, load_model = checkpoint_callbacks(cfg.lora.enabled, base, tokenizer, meta)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         assert val_ref is not None
@@ -363,30 +331,7 @@ def dpo(base: str | Path | None, data: list[str] | None, run_dir: str | Path, *,
 
     With `resume`, the run's saved config is the base (`overrides` still apply), and the base
     run and data default to the ones it was started with."""
-    from tinylm.run import read_run_config
-    from tinylm.textio import check_output_dir
-    from tinylm.train.distributed import setup_distributed, shutdown_distributed
-
-    run_dir = Path(run_dir)
-    if resume:
-        saved = read_run_config(run_dir)
-        if saved.get("stage") != "dpo":
-            raise TinyLMError(f"{run_dir}: not a DPO run; cannot --resume it")
-        cfg = load_config(None, overrides, saved["dpo"])
-        base = base or saved.get("base_run", {}).get("path")
-        data = data or saved["data"]["files"]
-        val_data = val_data or saved["data"]["val_files"] or None
-    else:
-        check_output_dir(run_dir, force)
-        cfg = load_config(config, overrides)
-    if base is None:
-        raise TinyLMError("no base run", "give --base RUN (a pretrained or finetuned run)")
-    if not data:
-        raise TinyLMError("no preference data", "give --data PAIRS.jsonl")
-    dist = setup_distributed(cfg.train.device)
-    try:
-        return run_dpo(cfg, base, [Path(p) for p in data], run_dir,
-                       val_files=[Path(p) for p in val_data or []], dist=dist, resume=resume,
-                       force=force, out=out)
-    finally:
-        shutdown_distributed()
+    return launch("dpo", load_config, run_dpo, base, data, run_dir, config=config,
+                  val_data=val_data, overrides=overrides, resume=resume, force=force, out=out,
+                  what="a DPO run", no_data=("no preference data", "give --data PAIRS.jsonl"),
+                  warn_config=False)

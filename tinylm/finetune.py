@@ -19,7 +19,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -39,10 +39,15 @@ from tinylm.sft.evaluate import exact_match, validation_loss
 from tinylm.train.config import TrainConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from torch import nn
 
+    from tinylm.tokenizer import Tokenizer
     from tinylm.train.distributed import DistInfo
     from tinylm.train.loop import TrainResult
+
+Item = TypeVar("Item")
 
 FULL_LR = 3e-4  # below pretraining's 1e-3: tuning should not undo what was learned
 LORA_LR = 3e-3  # adapters start at zero and are few; they need larger steps
@@ -191,6 +196,83 @@ def check_resume_data(out_dir: Path, digests: dict[str, str]) -> None:
                           "give the same --data/--val-data files, or start a new run")
 
 
+def start_run(
+    base: str | Path, out_dir: str | Path, val_files: list[Path] | None, dist: DistInfo | None,
+    *, resume: bool, force: bool,
+) -> tuple[DistInfo, Path, Path, list[Path]]:
+    """(dist, base, out_dir, val_files) normalized; with --force (not --resume) what an earlier
+    run left in `out_dir` is cleared (by the main process)."""
+    from tinylm.train.distributed import DistInfo
+
+    dist = dist or DistInfo()
+    base, out_dir, val_files = Path(base), Path(out_dir), list(val_files or [])
+    if not resume and force and out_dir.is_dir() and dist.is_main:
+        clear_run(out_dir)
+    return dist, base, out_dir, val_files
+
+
+def read_splits(
+    read: Callable[[Path], list[Item]], data_files: list[Path], val_files: list[Path],
+    fraction: float, seed: int,
+) -> tuple[list[Item], list[Item]]:
+    """(train, validation) items: all of `data_files` and `val_files`, or a seeded split."""
+    items = [x for path in data_files for x in read(path)]
+    if val_files:
+        return items, [x for path in val_files for x in read(path)]
+    return split_validation(items, fraction, seed)
+
+
+def load_start(base: Path, max_length: int | None) -> tuple[nn.Module, Tokenizer, int]:
+    """The base run's (plain or adapter run) model and tokenizer, and the window length:
+    `max_length`, or the model's context."""
+    from tinylm.lora import is_adapter_run, load_adapter_run
+    from tinylm.run import load_run
+
+    base_run = load_adapter_run(base) if is_adapter_run(base) else load_run(base)
+    model = base_run.model
+    context = max_length or model.config.max_seq_len
+    if not 2 <= context <= model.config.max_seq_len:
+        raise TinyLMError(f"data.max_length ({context}) must be between 2 and the model's "
+                          f"context ({model.config.max_seq_len})")
+    return model, base_run.tokenizer, context
+
+
+def make_trainable(model: nn.Module, lora: LoraSettings, seed: int) -> tuple[nn.Module, int, int]:
+    """(model, trainable, total): seeded, wrapped with fresh LoRA adapters when enabled."""
+    from tinylm.lora import apply_lora, count_parameters
+
+    torch.manual_seed(seed)
+    if lora.enabled:
+        model = apply_lora(model, lora)
+    trainable, total = count_parameters(model)
+    return model, trainable, total
+
+
+def checkpoint_callbacks(
+    lora_enabled: bool, base: Path, tokenizer: Tokenizer, meta: dict[str, Any]
+) -> tuple[Callable[[Path, nn.Module, dict[str, Any]], None], Callable[[Path, nn.Module], None]]:
+    """The loop's (save_model, load_model): the adapter files (+ tokenizer) with LoRA, else a
+    full run naming its base."""
+    from tinylm.lora import load_adapter, save_adapter
+    from tinylm.run import TOKENIZER_FILE, WEIGHTS_FILE, load_weights, save_run
+
+    def save_model(directory: Path, m: nn.Module, info: dict[str, Any]) -> None:
+        if lora_enabled:
+            save_adapter(directory, m, base, {**meta, "progress": info})
+            tokenizer.save(directory / TOKENIZER_FILE)
+        else:
+            run_meta = {**meta, "base_run": {"path": str(base.resolve())}, "progress": info}
+            save_run(directory, m, tokenizer, run_meta)  # type: ignore[arg-type]
+
+    def load_model(checkpoint: Path, m: nn.Module) -> None:
+        if lora_enabled:
+            load_adapter(m, checkpoint)
+        else:
+            load_weights(m, checkpoint / WEIGHTS_FILE)  # type: ignore[arg-type]
+
+    return save_model, load_model
+
+
 def run_finetune(
     cfg: FinetuneConfig,
     base: str | Path,
@@ -205,35 +287,13 @@ def run_finetune(
 ) -> TrainResult:
     """Tune the run `base` on instruction data and write the run (or adapter run) `out_dir`
     (checked by the caller, `finetune`)."""
-    from tinylm.lora import (
-        apply_lora,
-        count_parameters,
-        is_adapter_run,
-        load_adapter,
-        load_adapter_run,
-        save_adapter,
-    )
-    from tinylm.run import TOKENIZER_FILE, WEIGHTS_FILE, load_run, load_weights, save_run
-    from tinylm.train.distributed import DistInfo
     from tinylm.train.loop import accumulation_steps, train
 
-    dist = dist or DistInfo()
-    base, out_dir, val_files = Path(base), Path(out_dir), list(val_files or [])
-    if not resume and force and out_dir.is_dir() and dist.is_main:
-        clear_run(out_dir)
-    conversations = [c for path in data_files for c in read_conversations(path)]
-    if val_files:
-        val_convs = [c for path in val_files for c in read_conversations(path)]
-        train_convs = conversations
-    else:
-        train_convs, val_convs = split_validation(conversations, cfg.data.val_fraction,
-                                                  cfg.train.seed)
-    base_run = load_adapter_run(base) if is_adapter_run(base) else load_run(base)
-    model, tokenizer = base_run.model, base_run.tokenizer
-    context = cfg.data.max_length or model.config.max_seq_len
-    if not 2 <= context <= model.config.max_seq_len:
-        raise TinyLMError(f"data.max_length ({context}) must be between 2 and the model's "
-                          f"context ({model.config.max_seq_len})")
+    dist, base, out_dir, val_files = start_run(base, out_dir, val_files, dist, resume=resume,
+                                               force=force)
+    train_convs, val_convs = read_splits(read_conversations, data_files, val_files,
+                                         cfg.data.val_fraction, cfg.train.seed)
+    model, tokenizer, context = load_start(base, cfg.data.max_length)
 
     train_examples, train_stats = encode_conversations(tokenizer, train_convs, context)
     _report_counts("train", train_stats, context, out)
@@ -253,10 +313,7 @@ def run_finetune(
     source = SFTBatches(train_examples, t.micro_batch, accum * dist.world_size, t.seed,
                         tokenizer.eot_id, context if cfg.data.packing else None)
     train_cfg = resolve_train(cfg, source.steps_for(cfg.epochs))
-    torch.manual_seed(t.seed)
-    if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora)
-    trainable, total = count_parameters(model)
+    model, trainable, total = make_trainable(model, cfg.lora, t.seed)
     out.info(f"{'LoRA' if cfg.lora.enabled else 'full'} tuning: {trainable:,} of {total:,} "
              f"parameters train ({100 * trainable / total:.2f}%); {train_cfg.max_steps} steps "
              f"of {t.batch_size} {'windows' if cfg.data.packing else 'examples'}")
@@ -264,19 +321,7 @@ def run_finetune(
     meta = {"stage": "finetune", "finetune": saved, "data": data_meta,
             "parameters": {"trainable": trainable, "total": total}}
 
-    def save_model(directory: Path, m: nn.Module, info: dict[str, Any]) -> None:
-        if cfg.lora.enabled:
-            save_adapter(directory, m, base, {**meta, "progress": info})
-            tokenizer.save(directory / TOKENIZER_FILE)
-        else:
-            run_meta = {**meta, "base_run": {"path": str(base.resolve())}, "progress": info}
-            save_run(directory, m, tokenizer, run_meta)  # type: ignore[arg-type]
-
-    def load_model(checkpoint: Path, m: nn.Module) -> None:
-        if cfg.lora.enabled:
-            load_adapter(m, checkpoint)
-        else:
-            load_weights(m, checkpoint / WEIGHTS_FILE)  # type: ignore[arg-type]
+    save_model, load_model = checkpoint_callbacks(cfg.lora.enabled, base, tokenizer, meta)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -311,6 +356,35 @@ def finetune(
     With `resume`, the run's saved config is the base (`overrides` still apply), and the base
     run and data default to the ones it was started with. Works the same under torchrun.
     """
+    return launch("finetune", load_config, run_finetune, base, data, run_dir, config=config,
+                  val_data=val_data, overrides=overrides, resume=resume, force=force, out=out,
+                  what="a finetuning run", no_data=("no training data", "give --data FILE.jsonl"),
+                  warn_config=True)
+
+
+def launch(
+    stage: str,
+    load: Callable[..., Any],
+    run: Callable[..., TrainResult],
+    base: str | Path | None,
+    data: list[str] | None,
+    run_dir: str | Path,
+    *,
+    config: str | Path | None,
+    val_data: list[str] | None,
+    overrides: list[str] | None,
+    resume: bool,
+    force: bool,
+    out: Output,
+    what: str,
+    no_data: tuple[str, str],
+    warn_config: bool,
+) -> TrainResult:
+    """The shared body of `finetune` and `tinylm.dpo.dpo`: the config (`load(yaml, overrides,
+    base)`; on --resume from the run's saved `stage` section, the base run and data defaulting
+    to its own), the checks, then `run(cfg, base, files, run_dir, ...)` under torchrun or not.
+    `what` names the run kind in the --resume error; `no_data` is (message, hint) when no data
+    is given; `warn_config`: warn that --config is ignored on --resume."""
     from tinylm.run import read_run_config
     from tinylm.textio import check_output_dir
     from tinylm.train.distributed import setup_distributed, shutdown_distributed
@@ -318,25 +392,25 @@ def finetune(
     run_dir = Path(run_dir)
     if resume:
         saved = read_run_config(run_dir)
-        if saved.get("stage") != "finetune":
-            raise TinyLMError(f"{run_dir}: not a finetuning run; cannot --resume it")
-        if config is not None:
+        if saved.get("stage") != stage:
+            raise TinyLMError(f"{run_dir}: not {what}; cannot --resume it")
+        if warn_config and config is not None:
             out.warn("--resume uses the run's saved config; --config is ignored (use --set)")
-        cfg = load_config(None, overrides, saved["finetune"])
+        cfg = load(None, overrides, saved[stage])
         base = base or saved.get("base_run", {}).get("path")
         data = data or saved["data"]["files"]
         val_data = val_data or saved["data"]["val_files"] or None
     else:
         check_output_dir(run_dir, force)
-        cfg = load_config(config, overrides)
+        cfg = load(config, overrides)
     if base is None:
         raise TinyLMError("no base run", "give --base RUN (a pretrained or finetuned run)")
     if not data:
-        raise TinyLMError("no training data", "give --data FILE.jsonl")
+        raise TinyLMError(*no_data)
     dist = setup_distributed(cfg.train.device)
     try:
-        return run_finetune(cfg, base, [Path(p) for p in data], run_dir,
-                            val_files=[Path(p) for p in val_data or []], dist=dist,
-                            resume=resume, force=force, out=out)
+        return run(cfg, base, [Path(p) for p in data], run_dir,
+                   val_files=[Path(p) for p in val_data or []], dist=dist, resume=resume,
+                   force=force, out=out)
     finally:
         shutdown_distributed()

@@ -6,12 +6,13 @@ from typing import Annotated
 
 import typer
 
-from tinylm.cli.app import Force, Json, Quiet, app, output
+from tinylm.cli import tuning
+from tinylm.cli.app import Force, Json, Quiet, app
 
 
 @app.command()
 def dpo(
-    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run directory to write.")],
+    out_dir: tuning.OutDir,
     base: Annotated[
         str | None, typer.Option("--base", "-b", help="The run to start from (usually a "
                                  "finetuned run, or a LoRA run); also the reference policy.")
@@ -20,13 +21,9 @@ def dpo(
         list[str] | None, typer.Option("--data", "-d", help="Preference JSONL: prompt/chosen/"
                                        "rejected, strings or message lists (repeatable).")
     ] = None,
-    config: Annotated[str | None, typer.Option("--config", "-c", help="A YAML file.")] = None,
-    val_data: Annotated[
-        list[str] | None, typer.Option("--val-data", help="Validation JSONL (else a split).")
-    ] = None,
-    val_fraction: Annotated[
-        float | None, typer.Option(help="Share of --data held out for validation.")
-    ] = None,
+    config: tuning.Config = None,
+    val_data: tuning.ValData = None,
+    val_fraction: tuning.ValFraction = None,
     beta: Annotated[float | None, typer.Option(help="DPO beta (default 0.1).")] = None,
     loss: Annotated[
         str | None, typer.Option("--loss", help="Loss variant: sigmoid (default), ipo, hinge.")
@@ -39,9 +36,7 @@ def dpo(
                                   "reference log-probs once up front; keep no reference model.")
     ] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the pairs.")] = None,
-    max_steps: Annotated[
-        int | None, typer.Option(help="Optimizer steps (default: from --epochs).")
-    ] = None,
+    max_steps: tuning.MaxSteps = None,
     lr: Annotated[
         float | None, typer.Option(help="Peak learning rate (default 5e-5; 5e-4 with LoRA).")
     ] = None,
@@ -53,18 +48,14 @@ def dpo(
         bool | None, typer.Option("--lora/--no-lora", help="Train LoRA adapters only; the "
                                   "reference is the model with the adapter disabled.")
     ] = None,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank r.")] = None,
-    lora_alpha: Annotated[float | None, typer.Option(help="LoRA alpha (scale alpha/r).")] = None,
-    lora_dropout: Annotated[float | None, typer.Option(help="Dropout on LoRA's input.")] = None,
-    lora_targets: Annotated[
-        str | None, typer.Option(help="Layers to adapt: q_proj,v_proj (default) or all-linear.")
-    ] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Steps between evaluations.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (split, order, init).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
-    ] = False,
+    lora_rank: tuning.LoraRank = None,
+    lora_alpha: tuning.LoraAlpha = None,
+    lora_dropout: tuning.LoraDropout = None,
+    lora_targets: tuning.LoraTargets = None,
+    eval_every: tuning.EvalEvery = None,
+    seed: tuning.Seed = None,
+    device: tuning.Device = None,
+    resume: tuning.Resume = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE, "
                                        "e.g. train.micro_batch=2 (repeatable).")
@@ -93,19 +84,13 @@ def dpo(
     """
     from tinylm.dpo import dpo as run
 
-    flags = {
-        "data.val_fraction": val_fraction, "beta": beta, "loss_type": loss,
-        "label_smoothing": label_smoothing, "precompute_ref": precompute_ref, "epochs": epochs,
-        "train.max_steps": max_steps, "train.lr": lr, "train.batch_size": batch_size,
-        "data.max_length": max_length, "lora.enabled": lora, "lora.rank": lora_rank,
-        "lora.alpha": lora_alpha, "lora.dropout": lora_dropout, "lora.targets": lora_targets,
-        "train.eval_every": eval_every, "train.seed": seed, "train.device": device,
-    }
-    overrides = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    out = output(quiet, json)
-    result = run(base, data, out_dir, config=config, val_data=val_data, overrides=overrides,
-                 resume=resume, force=force, out=out)
-    if result.stopped == "interrupted":
-        out.warn(f"interrupted at step {result.step}; continue with: tinylm dpo -o "
-                 f"{out_dir} --resume")
-        raise typer.Exit(130)
+    common = tuning.common_flags(
+        val_fraction=val_fraction, epochs=epochs, max_steps=max_steps, lr=lr,
+        batch_size=batch_size, max_length=max_length, lora=lora, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
+        eval_every=eval_every, seed=seed, device=device)
+    flags = {**common, "beta": beta, "loss_type": loss, "label_smoothing": label_smoothing,
+             "precompute_ref": precompute_ref}
+    tuning.run_command("dpo", run, flags, base=base, data=data, out_dir=out_dir,
+                       config=config, val_data=val_data, set_=set_, resume=resume, force=force,
+                       quiet=quiet, json=json)
