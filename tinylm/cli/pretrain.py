@@ -1,4 +1,4 @@
-"""`tinylm pretrain` and `tinylm eval`: train a model from scratch; score it in bits per byte."""
+"""`tinylm pretrain` and `tinylm eval`: train a model from scratch; score it on any data."""
 
 from __future__ import annotations
 
@@ -101,32 +101,48 @@ def pretrain(
 @app.command("eval")
 def eval_command(
     model: Annotated[str, typer.Option("--model", "-m", help="A run directory.")],
-    data: Annotated[list[str], typer.Option("--data", "-d", help="Text files or directories.")],
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 16,
+    data: Annotated[list[str], typer.Option(
+        "--data", "-d", help="Text files or directories, instruction JSONL or preference "
+        "JSONL (one kind at a time).")],
+    batch_size: Annotated[int, typer.Option(help="Windows or examples per forward pass.")] = 16,
     seq_len: Annotated[
-        int | None, typer.Option(help="Window length (default: the run's training length).")
+        int | None, typer.Option(help="Window length on text (default: the run's training "
+                                 "length).")
     ] = None,
-    max_tokens: Annotated[int, typer.Option(help="Score at most this many tokens (0: all).")] = 0,
+    max_tokens: Annotated[
+        int, typer.Option(help="Score at most this many text tokens (0: all).")
+    ] = 0,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Greedy answer length for exact match (0: reference + 8).")
+    ] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Quiet = False,
     json: Json = False,
 ) -> None:
-    """Score a model on text: loss in nats per token and bits per byte (bpb).
+    """Score a model on data; the metrics follow the kind of data.
 
-    bpb divides by the text's UTF-8 bytes, so models with different tokenizers compare. It
-    is the number `tinylm pretrain` logs as val_bpb.
+    Text (files, directories, JSONL with "text"): loss in nats per token and bits per byte
+    (val_bpb, the number `tinylm pretrain` logs; it divides by UTF-8 bytes, so models with
+    different tokenizers compare). Instruction JSONL (messages, prompt/completion, Alpaca):
+    loss per response token and greedy exact match. Preference JSONL (prompt, chosen,
+    rejected): pref_accuracy_logp, the share of pairs whose chosen answer has the higher
+    log-prob, and, for a run with a base (finetune, dpo, LoRA), pref_accuracy, the share whose
+    chosen answer gained more log-prob over the base than the rejected one.
 
     Examples:
 
         tinylm eval -m runs/shakes -d valid.txt
 
         tinylm eval -m runs/shakes -d corpus/ --max-tokens 100000 --json
+
+        tinylm eval -m runs/sft -d val.jsonl
+
+        tinylm eval -m runs/dpo -d pairs.jsonl --json
     """
-    from tinylm.pretrain import eval_run
+    from tinylm.evaluate import evaluate_data
 
     out = output(quiet, json)
-    result = eval_run(model, data, batch_size=batch_size, seq_len=seq_len,
-                      max_tokens=max_tokens, device=device, out=out)
-    out.table(f"eval: {model}", {"val_loss": result["val_loss"], "val_bpb": result["val_bpb"],
-                                 "tokens_scored": int(result["val_tokens"]),
-                                 "tokens": result["tokens"], "bytes": result["bytes"]})
+    result = evaluate_data(model, data, batch_size=batch_size, seq_len=seq_len,
+                           max_tokens=max_tokens, max_new_tokens=max_new_tokens,
+                           device=device, out=out)
+    out.table(f"eval: {model}", result)
