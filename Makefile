@@ -49,6 +49,8 @@ bench: install
 	$(BIN)/python bench/tokenizer.py
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/dpo.py
 
 lint: install
 	$(BIN)/pip install -q ruff
