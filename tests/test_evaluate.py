@@ -27,15 +27,6 @@ TOK = Tokenizer.bytes_only()
 ANIMALS = ["cat", "dog", "cow", "owl", "bee", "ant"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=TOK.vocab_size, n_layers=2, n_heads=2, d_model=32,

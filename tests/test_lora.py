@@ -31,15 +31,6 @@ from tinylm.tokenizer import Tokenizer
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(family: str = "llama", seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     config = ModelConfig(family=family, vocab_size=259, n_layers=2, n_heads=2, d_model=32,

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,15 +43,6 @@ def setup(tmp_path: Path, shakespeare_text: str) -> tuple[Path, Path]:
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG.replace("CACHE", str(tmp_path / "cache")), encoding="utf-8")
     return config, data
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: exact and fast even when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pretrain(config: Path, data: Path, out: Path, *extra: str) -> object:
