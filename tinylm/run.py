@@ -121,19 +121,28 @@ def load_weights(model: Transformer, file: str | Path) -> None:
         state = load_file(str(file))
     except (SafetensorError, OSError) as exc:
         raise TinyLMError(f"{file}: not a readable safetensors file ({exc})") from None
+    load_checked(model, state, str(file), "; the weights do not match config.json")
+
+
+def load_checked(
+    model: Transformer, state: dict[str, torch.Tensor], source: str, mismatch: str
+) -> None:
+    """Load `state` into `model` after checking every name and shape; a clear error names the
+    first missing, unexpected or misshapen tensor (`mismatch` ends the missing/unexpected
+    message). A tied head may be absent from `state`; it is tied again after loading."""
     expected = model.state_dict()
+    state = dict(state)
     if _tied(model):
         state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        name = (missing or unexpected)[0]
-        what = "missing" if missing else "unexpected"
-        raise TinyLMError(f"{file}: {what} tensor {name!r}; the weights do not match config.json")
+        what, name = ("missing", missing[0]) if missing else ("unexpected", unexpected[0])
+        raise TinyLMError(f"{source}: {what} tensor {name!r}{mismatch}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise TinyLMError(
-                f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                 f"config.json implies {tuple(expected[name].shape)}"
             )
     model.load_state_dict(state, strict=True)

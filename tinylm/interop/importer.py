@@ -41,6 +41,7 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
 def load_hf_model(directory: str | Path, out: Output = SILENT) -> tuple[Any, Any, str]:
     """(tinylm `Transformer` in eval mode, `Tokenizer`, architecture) for a Hugging Face dir."""
     from tinylm.model import Transformer
+    from tinylm.run import load_checked
     from tinylm.tokenizer import Tokenizer
 
     directory = Path(directory)
@@ -56,21 +57,7 @@ def load_hf_model(directory: str | Path, out: Output = SILENT) -> tuple[Any, Any
         )
     state = from_hf_state(read_hf_weights(directory), config, str(directory))
     model = Transformer(config)
-    expected = model.state_dict()
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        what, name = ("missing", missing[0]) if missing else ("unexpected", unexpected[0])
-        raise TinyLMError(f"{directory}: {what} tensor {name!r} for {arch} as configured")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise TinyLMError(
-                f"{directory}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"config.json implies {tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(state, strict=False)
+    load_checked(model, state, str(directory), f" for {arch} as configured")
     return model.eval(), tokenizer, arch
 
 
