@@ -40,7 +40,12 @@ def trained(request, shakespeare_text: str, tmp_path_factory):
 
 
 def hf_ids(hf, text: str) -> list[int]:
-    return hf.encode(text, add_special_tokens=False).ids
+    """Ids from `tokenizers` with special-token spellings read as plain text, as tinylm does."""
+    hf.encode_special_tokens = True
+    try:
+        return hf.encode(text, add_special_tokens=False).ids
+    finally:
+        hf.encode_special_tokens = False
 
 
 def test_same_ids_on_shakespeare(trained, shakespeare_text: str):
@@ -68,6 +73,14 @@ def test_same_ids_on_random_text(trained, text: str):
     assert ids == hf_ids(hf, text)
 
 
+def test_special_token_spellings_are_plain_text_like_the_peers(trained):
+    tok, hf, enc = trained
+    for text in (TURN_START, f"x{END_OF_TEXT}y", f"{TURN_START}user\nhi"):
+        ids = tok.encode(text)
+        assert ids == enc.encode_ordinary(text) == hf_ids(hf, text)
+        assert not set(ids) & {tok.special_tokens[s] for s in DEFAULT_SPECIAL_TOKENS}
+
+
 def test_special_tokens_like_tiktoken_and_tokenizers(trained):
     tok, hf, enc = trained
     text = f"a{END_OF_TEXT}b{TURN_START}user\nc"
@@ -77,8 +90,8 @@ def test_special_tokens_like_tiktoken_and_tokenizers(trained):
     assert tok.encode(text, allowed_special=one) == enc.encode(
         text, allowed_special=one, disallowed_special=()
     )
-    # tokenizers always matches added tokens: the same as tinylm with every special allowed.
-    assert hf_ids(hf, text) == tok.encode(text, allowed_special="all")
+    # tokenizers matches added tokens by default: the same as tinylm with every special allowed.
+    assert hf.encode(text, add_special_tokens=False).ids == tok.encode(text, allowed_special="all")
     assert hf.get_vocab_size() == tok.vocab_size
     assert [hf.token_to_id(s) for s in DEFAULT_SPECIAL_TOKENS] == list(tok.special_tokens.values())
 
