@@ -88,8 +88,8 @@ class _BigVocab:
         self.tok, self.vocab_size, self.eot_id = tok, 70000, 69999
         self.fingerprint = "big-" + tok.fingerprint
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [[66000 + i for i in ids] for ids in self.tok.encode_batch(texts)]
+    def encode_batch(self, texts: list[str], allowed_special=frozenset()) -> list[list[int]]:
+        return [[66000 + i for i in ids] for ids in self.tok.encode_batch(texts, allowed_special)]
 
 
 def test_uint16_and_uint32(tmp_path: Path, tok: Tokenizer) -> None:

@@ -64,7 +64,7 @@ def test_run_directory_with_tokenizer(tmp_path: Path) -> None:
         (lambda p: p.mkdir(), "not a tinylm run"),
         (lambda p: p.write_text("train:\n  lr: 1\n"), "no 'model:' section"),
         (lambda p: p.write_text("model:\n  d_model: 30\n  n_heads: 4\n"), "model.d_model"),
-        (lambda p: p.write_text("model:\n  width: 3\n"), "unknown config key 'width'"),
+        (lambda p: p.write_text("model:\n  width: 3\n"), "unknown config key 'model.width'"),
     ],
 )
 def test_bad_target_is_one_line_and_exit_2(tmp_path: Path, setup, message: str) -> None:

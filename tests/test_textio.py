@@ -32,7 +32,7 @@ def test_expand_paths_errors(tmp_path):
         expand_paths([tmp_path])
 
 
-def test_iter_text_pieces_join_to_the_file_and_cut_before_a_line_start(tmp_path):
+def test_iter_text_pieces_join_to_the_file_and_cut_after_a_word(tmp_path):
     lines = [f"line {i} with some words\n" + ("  indented\n" if i % 3 else "") for i in range(500)]
     text = "".join(lines)
     path = tmp_path / "t.txt"
@@ -41,8 +41,9 @@ def test_iter_text_pieces_join_to_the_file_and_cut_before_a_line_start(tmp_path)
     assert len(pieces) > 10
     assert "".join(p.text for p in pieces) == text
     assert [p.doc_end for p in pieces] == [False] * (len(pieces) - 1) + [True]
-    for piece in pieces[1:]:
-        assert not piece.text[0].isspace()  # never cut before an indented line
+    for before, piece in zip(pieces, pieces[1:], strict=False):
+        # cut only between a letter or digit and whitespace, where GPT-style patterns cut
+        assert before.text[-1].isalnum() and piece.text[0].isspace()
 
 
 def test_iter_text_documents_from_jsonl_and_bom(tmp_path):

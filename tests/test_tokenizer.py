@@ -230,7 +230,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(TinyLMError, match="no such tokenizer"):
         Tokenizer.load(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(TinyLMError, match="not a valid JSON"):
+    with pytest.raises(TinyLMError, match="not valid JSON"):
         Tokenizer.load(tmp_path)
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "WordPiece", "vocab": {}}}')
     with pytest.raises(TinyLMError, match="not a BPE"):

@@ -9,6 +9,8 @@ a silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -20,21 +22,62 @@ from tinylm.errors import TinyLMError
 
 T = TypeVar("T")
 
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in tinylm/configs (`tiny`, `small`, ...)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _shipped(name: str | Path) -> Path | None:
+    """The shipped preset called `name`, if there is one."""
+    shipped = PRESET_DIR / f"{name}.yaml"
+    return shipped if "/" not in str(name) and shipped.is_file() else None
+
+
+def find_preset(target: str | Path) -> Path:
+    """A YAML path as given, or the shipped preset of that name; a clear error otherwise."""
+    path = Path(target)
+    if path.is_file():
+        return path
+    if shipped := _shipped(target):
+        return shipped
+    raise TinyLMError(
+        f"{target}: no such run directory, config file or preset",
+        f"presets: {', '.join(preset_names())}",
+    )
+
+
+def _shown(value: Any) -> str:
+    """A short repr of a config value for an error message (a YAML alias can make a value of
+    millions of items)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring = 2, 4, 4, 60
+    return short.repr(value)
+
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file's top-level mapping; a clear error for a missing file or bad YAML."""
+    from tinylm.textio import read_text
+
     path = Path(path)
-    if not path.is_file():
-        raise TinyLMError(f"{path}: config file not found", "check the path given to --config")
+    if not path.exists():
+        if not (shipped := _shipped(path)):
+            raise TinyLMError(f"{path}: config file not found",
+                              f"check the path given to --config, or name a preset: "
+                              f"{', '.join(preset_names())}")
+        path = shipped
+    text = read_text(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", exc)
         raise TinyLMError(f"{path}{where}: not valid YAML ({problem})") from None
-    except UnicodeDecodeError:
-        raise TinyLMError(f"{path}: not a UTF-8 text file") from None
+    except RecursionError:
+        raise TinyLMError(f"{path}: nested too deeply to read; not a config file?") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -94,17 +137,18 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
                 return _coerce(value, arg, key, source)
             except TinyLMError as exc:
                 errors.append(str(exc))
-        raise TinyLMError(errors[0] if errors else f"{source}: {key}: invalid value {value!r}")
+        invalid = f"{source}: {key}: invalid value {_shown(value)}"
+        raise TinyLMError(errors[0] if errors else invalid)
     if origin is typing.Literal:
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise TinyLMError(f"{source}: {key} must be one of {choices}, got {value!r}")
+            raise TinyLMError(f"{source}: {key} must be one of {choices}, got {_shown(value)}")
         return value
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise TinyLMError(f"{source}: {key} must be a list, got {value!r}")
+            raise TinyLMError(f"{source}: {key} must be a list, got {_shown(value)}")
         inner = args[0] if args else Any
         items = [_coerce(v, inner, key, source) for v in value]
         return tuple(items) if origin is tuple else items
@@ -113,26 +157,30 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        raise TinyLMError(f"{source}: {key} must be true or false, got {value!r}")
+        raise TinyLMError(f"{source}: {key} must be true or false, got {_shown(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise TinyLMError(f"{source}: {key} must be an integer, got {value!r}")
+        raise TinyLMError(f"{source}: {key} must be an integer, got {_shown(value)}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise TinyLMError(f"{source}: {key} must be a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        what = "a number" if number is None else "a finite number"
+        raise TinyLMError(f"{source}: {key} must be {what}, got {_shown(value)}")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise TinyLMError(f"{source}: {key} must be a string, got {value!r}")
+        raise TinyLMError(f"{source}: {key} must be a string, got {_shown(value)}")
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise TinyLMError(f"{source}: {key} is a section; give its keys, e.g. {key}.NAME=VALUE")
@@ -159,6 +207,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
             kwargs[name] = _build(hints[name], kwargs[name], f"{prefix}{name}.", source)
     try:
         return cls(**kwargs)
+    except TinyLMError as exc:  # the dataclass's own checks name the key; add the source
+        raise TinyLMError(f"{source}: {exc.args[0]}", exc.hint) from None
     except (TypeError, ValueError) as exc:
         raise TinyLMError(f"{source}: {exc}") from None
 
@@ -168,14 +218,17 @@ def build_config(
     yaml_path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
+    *,
+    source: str = "config",
+    prefix: str = "",
 ) -> T:
     """An instance of dataclass `cls` from defaults < `base` < YAML file < `--set` overrides.
 
     Validation errors (unknown key, wrong type, values the dataclass's `__post_init__` rejects)
-    raise `TinyLMError` naming the source and the key.
+    raise `TinyLMError` naming the source (`source` for `base`) and the key (after `prefix`,
+    the section `cls` is, e.g. "model.").
     """
     data = dict(base or {})
-    source = "config"
     if yaml_path is not None:
         data = _merge(data, read_yaml(yaml_path))
         source = str(yaml_path)
@@ -183,7 +236,7 @@ def build_config(
         flat = dict(parse_override(o) for o in overrides)
         data = _merge(data, _nest(flat))
         source = "--set" if yaml_path is None else f"{yaml_path} + --set"
-    return _build(cls, data, "", source)
+    return _build(cls, data, prefix, source)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

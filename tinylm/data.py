@@ -7,8 +7,10 @@
 on the same data starts at once, and changed data or another tokenizer is encoded again.
 Encoding streams the files (`tinylm.textio.iter_text`) in blocks through
 `Tokenizer.encode_batch` (all cores) and appends the end-of-text token after each document; the
-corpus never has to fit in memory. The shard directory is written under a temporary name and
-renamed, so an interrupted encode leaves nothing that looks complete.
+corpus never has to fit in memory. Special-token spellings in the text ("<|endoftext|>") are
+plain text unless `allowed_special` lists them (then they are control tokens, and the key says
+so). The shard directory is written under a temporary name and renamed, so an interrupted
+encode leaves nothing that looks complete.
 
 Training windows are a pure function of (seed, step, micro-batch index): a run resumed at step
 N, or split over several processes, reads exactly the windows of the uninterrupted run.
@@ -22,6 +24,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
     from tinylm.tokenizer import Tokenizer
 
 INDEX_FILE = "index.json"
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # 2: corpora cut where GPT-2 patterns cut too (textio._safe_split)
 SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB as uint16)
 ENCODE_BLOCK_CHARS = 16 << 20  # characters handed to encode_batch at a time
 PIECE_CHARS = 1 << 18  # pieces small enough to spread a block over all cores
@@ -62,8 +65,11 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def corpus_key(files: Sequence[Path], fingerprint: str) -> tuple[str, list[dict[str, Any]]]:
-    """The cache key of encoding `files` with a tokenizer, and the per-file records."""
+def corpus_key(
+    files: Sequence[Path], fingerprint: str, allowed_special: AbstractSet[str] = frozenset()
+) -> tuple[str, list[dict[str, Any]]]:
+    """The cache key of encoding `files` with a tokenizer (and `allowed_special` read as control
+    tokens), and the per-file records."""
     records = [
         {"path": str(p), "bytes": p.stat().st_size, "blake2b": file_digest(p),
          "jsonl": p.suffix.lower() == ".jsonl"}
@@ -73,6 +79,8 @@ def corpus_key(files: Sequence[Path], fingerprint: str) -> tuple[str, list[dict[
     h.update(f"shards/{SHARD_FORMAT}/{fingerprint}".encode())
     for r in records:  # content and kind only: renaming or moving a file keeps its cache
         h.update(f"/{r['blake2b']}:{r['jsonl']}".encode())
+    if allowed_special:  # absent by default, so the default keys stay what they were
+        h.update(json.dumps(sorted(allowed_special)).encode())
     return h.hexdigest(), records
 
 
@@ -114,14 +122,14 @@ class _ShardWriter:
 
 def _encode_into(
     files: Sequence[Path], tokenizer: Tokenizer, writer: _ShardWriter, total_bytes: int,
-    out: Output,
+    out: Output, allowed_special: AbstractSet[str],
 ) -> dict[str, int]:
     """Stream the files through the tokenizer into `writer`; token, doc and byte counts."""
     counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
     block: list[tuple[str, bool]] = []
 
     def flush() -> None:
-        encoded = tokenizer.encode_batch([text for text, _ in block])
+        encoded = tokenizer.encode_batch([text for text, _ in block], allowed_special)
         for ids, (_, doc_end) in zip(encoded, block, strict=True):
             if doc_end:
                 ids = [*ids, tokenizer.eot_id]
@@ -152,22 +160,31 @@ def encode_corpus(
     cache_dir: str | Path | None = None,
     out: Output = SILENT,
     shard_tokens: int = SHARD_TOKENS,
+    allowed_special: AbstractSet[str] = frozenset(),
 ) -> TokenStream:
-    """The token stream of text files / directories / JSONL, from the cache or encoded now."""
+    """The token stream of text files / directories / JSONL, from the cache or encoded now.
+
+    Special-token spellings in the text are plain text unless named in `allowed_special`.
+    """
     files = expand_paths(paths)
-    key, records = corpus_key(files, tokenizer.fingerprint)
+    allowed = frozenset(allowed_special)
+    key, records = corpus_key(files, tokenizer.fingerprint, allowed)
     root = cache_root(cache_dir) / "tokens"
     final = root / key
     if (final / INDEX_FILE).is_file():
         return TokenStream.open(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    except OSError as exc:
+        raise TinyLMError(f"{root}: cannot write the token cache there ({exc.strerror})",
+                          "set data.cache_dir or $TINYLM_CACHE to a writable directory") from None
     try:
         dtype = token_dtype(tokenizer.vocab_size)
         writer = _ShardWriter(tmp, dtype, shard_tokens)
         try:
             total = sum(r["bytes"] for r in records)
-            counts = _encode_into(files, tokenizer, writer, total, out)
+            counts = _encode_into(files, tokenizer, writer, total, out, allowed)
         finally:
             writer.close()
         index = {"format": SHARD_FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
@@ -272,14 +289,15 @@ def sample_windows(
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
-def eval_windows(stream: TokenStream, seq_len: int, max_tokens: int = 0) -> tuple[int, int]:
+def eval_windows(
+    stream: TokenStream, seq_len: int, max_tokens: int = 0, what: str = "the validation data",
+    hint: str = "give more validation text (--val-data) or a larger --val-fraction",
+) -> tuple[int, int]:
     """(number of windows, window length) covering the stream once with consecutive,
-    non-overlapping windows; at most `max_tokens` targets (0: all)."""
+    non-overlapping windows; at most `max_tokens` targets (0: all). A stream too short to
+    score is an error naming it as `what`, with `hint`."""
     if len(stream) < 2:
-        raise TinyLMError(
-            f"the validation data has {len(stream)} tokens; at least 2 are needed",
-            "give more validation text (--val-data) or a larger --val-fraction",
-        )
+        raise TinyLMError(f"{what} has {len(stream)} tokens; at least 2 are needed", hint)
     length = min(seq_len, len(stream) - 1)
     count = (len(stream) - 1) // length
     if max_tokens:

@@ -185,12 +185,9 @@ def _report_counts(what: str, stats: EncodeStats, context: int, out: Output) -> 
 def check_resume_data(out_dir: Path, digests: dict[str, str]) -> None:
     """On --resume, the data must be what the run started with (the batches depend on it)."""
     from tinylm.run import read_run_config
-    from tinylm.train.checkpoint import latest_checkpoint
+    from tinylm.train.checkpoint import resume_source
 
-    checkpoint = latest_checkpoint(out_dir)
-    if checkpoint is None:
-        return  # the loop reports the missing checkpoint
-    saved = read_run_config(checkpoint).get("data", {}).get("digests", {})
+    saved = read_run_config(resume_source(out_dir)).get("data", {}).get("digests", {})
     if sorted(saved.values()) != sorted(digests.values()):
         raise TinyLMError(f"{out_dir}: --resume with different data than the run started with",
                           "give the same --data/--val-data files, or start a new run")
@@ -385,13 +382,15 @@ def launch(
     to its own), the checks, then `run(cfg, base, files, run_dir, ...)` under torchrun or not.
     `what` names the run kind in the --resume error; `no_data` is (message, hint) when no data
     is given; `warn_config`: warn that --config is ignored on --resume."""
+    from tinylm.lora import run_inputs
     from tinylm.run import read_run_config
-    from tinylm.textio import check_output_dir
+    from tinylm.textio import check_distinct, check_output_dir
+    from tinylm.train.checkpoint import resume_source
     from tinylm.train.distributed import setup_distributed, shutdown_distributed
 
     run_dir = Path(run_dir)
     if resume:
-        saved = read_run_config(run_dir)
+        saved = read_run_config(resume_source(run_dir))  # the newest intact checkpoint's
         if saved.get("stage") != stage:
             raise TinyLMError(f"{run_dir}: not {what}; cannot --resume it")
         if warn_config and config is not None:
@@ -405,6 +404,8 @@ def launch(
         cfg = load(config, overrides)
     if base is None:
         raise TinyLMError("no base run", "give --base RUN (a pretrained or finetuned run)")
+    for source in run_inputs(base):  # --force would clear the base run before reading it
+        check_distinct(source, run_dir)
     if not data:
         raise TinyLMError(*no_data)
     dist = setup_distributed(cfg.train.device)

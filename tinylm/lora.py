@@ -110,6 +110,8 @@ def save_adapter(
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from tinylm.run import FILES_KEY, file_records
+
     directory, base_run = Path(directory), Path(base_run).resolve()
     config = peft_model.peft_config["default"]
     config.base_model_name_or_path = str(base_run)
@@ -124,6 +126,7 @@ def save_adapter(
         "model": dataclasses.asdict(peft_model.get_base_model().config),
         "base_run": {"path": str(base_run), "relative": os.path.relpath(base_run, directory)},
         **meta,
+        FILES_KEY: file_records(directory, [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]),
     }
     text = json.dumps(run_config, indent=2) + "\n"
     (directory / "config.json").write_text(text, encoding="utf-8")
@@ -161,7 +164,12 @@ def load_adapter(peft_or_base: nn.Module, directory: str | Path) -> nn.Module:
         weights = load_file(str(weights_file))
     except (SafetensorError, OSError) as exc:
         raise TinyLMError(f"{weights_file}: not a readable safetensors file ({exc})") from None
-    result = set_peft_model_state_dict(model, weights)
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as exc:  # torch names the misshapen tensors; the first is enough
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise TinyLMError(f"{weights_file}: does not fit the base model ({detail})",
+                          "is it the adapter of this base run?") from None
     expected = {k for k in model.state_dict() if "lora_" in k}
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing or not expected:
@@ -184,15 +192,56 @@ def base_run_path(path: str | Path, config: dict[str, Any]) -> Path:
                       "put the base run back, or use a run made with tinylm merge")
 
 
+def run_inputs(path: str | Path) -> list[Path]:
+    """A run directory and, for an adapter run, its base runs down the chain: what loading it
+    reads, and so what no output may write over."""
+    from tinylm.run import read_run_config
+
+    chain = [Path(path)]
+    while is_adapter_run(chain[-1]):
+        base = base_run_path(chain[-1], read_run_config(chain[-1]))
+        if base.resolve() in {p.resolve() for p in chain}:
+            raise TinyLMError(f"{path}: its base runs loop back to {base}",
+                              "an adapter run's base_run must lead to a plain run")
+        chain.append(base)
+    return chain
+
+
+def check_base(path: str | Path, config: dict[str, Any], base: Run) -> None:
+    """An adapter run's base must be the model it was trained on: the model config recorded in
+    its config.json, and the tokenizer saved beside the adapter (when there is one)."""
+    import dataclasses
+
+    from tinylm.run import TOKENIZER_FILE
+    from tinylm.tokenizer import Tokenizer
+
+    hint = "put the adapter's own base run back, or train the adapter again on this base"
+    found = dataclasses.asdict(base.model.config)
+    for key, expected in config["model"].items():
+        if found.get(key) != expected:
+            raise TinyLMError(f"{path}: the adapter was trained on a base with {key}={expected!r}"
+                              f", but its base run {base.path} has {key}={found.get(key)!r}", hint)
+    tokenizer_file = Path(path) / TOKENIZER_FILE
+    if tokenizer_file.is_file():
+        fingerprint = Tokenizer.load(tokenizer_file).fingerprint
+        if fingerprint != base.tokenizer.fingerprint:
+            raise TinyLMError(f"{path}: the adapter's tokenizer ({fingerprint}) is not its base "
+                              f"run's ({base.path}: {base.tokenizer.fingerprint})", hint)
+
+
 def load_adapter_run(path: str | Path, device: str = "cpu", no_merge: bool = False) -> Run:
     """Load an adapter run: its base run (itself possibly an adapter run), then the adapter,
     merged into the weights (a plain `Transformer`) unless `no_merge` (a PEFT model)."""
-    from tinylm.run import Run, load_run, read_run_config
+    from tinylm.run import FILES_KEY, Run, load_run, read_run_config, verify_files
 
     path = Path(path)
     config = read_run_config(path)
-    base_path = base_run_path(path, config)
+    if FILES_KEY in config:  # sizes and checksums of the adapter files (tinylm.run)
+        verify_files(path, config[FILES_KEY], str(Path(path) / "config.json"))
+    inputs = run_inputs(path)  # a loop of base runs is an error, not endless recursion
+    base_path = inputs[1] if len(inputs) > 1 else base_run_path(path, config)
     base = load_adapter_run(base_path) if is_adapter_run(base_path) else load_run(base_path)
+    check_base(path, config, base)
     model = load_adapter(base.model, path)
     model = model.merge_and_unload() if not no_merge else model
     model.to(device).eval()
@@ -206,11 +255,13 @@ def merge_run(path: str | Path, out_dir: str | Path, force: bool = False,
     import tempfile
 
     from tinylm.run import save_run
-    from tinylm.textio import check_output_dir
+    from tinylm.textio import check_distinct, check_output_dir
 
     if not is_adapter_run(path):
         raise TinyLMError(f"{path}: not a LoRA adapter run (no {ADAPTER_CONFIG_FILE})",
                           "tinylm merge takes the -o directory of tinylm finetune --lora")
+    for source in run_inputs(path):
+        check_distinct(source, out_dir)
     out_dir = check_output_dir(out_dir, force)
     run = load_adapter_run(path)
     meta = {k: v for k, v in run.config.items()

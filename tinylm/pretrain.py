@@ -50,6 +50,9 @@ class DataConfig:
     seq_len: int | None = None  # window length; None: the model's max_seq_len
     val_fraction: float = 0.1  # the last fraction of the token stream (unless --val-data)
     cache_dir: str | None = None  # token shards; None: $TINYLM_CACHE or ~/.cache/tinylm
+    # Read special-token spellings in the text ("<|endoftext|>" between documents) as control
+    # tokens; by default they are plain text, so scraped text cannot forge them.
+    allow_special: bool = False
 
 
 @dataclass
@@ -59,6 +62,13 @@ class TokenizerConfig:
     vocab_size: int | None = None
     pattern: str = "gpt4"
     max_bytes: int | None = None  # train on at most this much text
+
+    def __post_init__(self) -> None:
+        from tinylm.chat import DEFAULT_SPECIAL_TOKENS
+        from tinylm.tokenizer.training import n_merges_for
+
+        if self.vocab_size is not None:  # fail now, not after the data is read
+            n_merges_for(self.vocab_size, len(DEFAULT_SPECIAL_TOKENS), "tokenizer.vocab_size")
 
 
 @dataclass
@@ -197,9 +207,10 @@ def run_pretraining(
     accum = accumulation_steps(t.batch_tokens, t.micro_batch * seq_len, dist.world_size,
                                "train.batch_tokens")
     if len(train_stream) < seq_len + 1:
+        files = ", ".join((data_files or {}).get("train", [])) or "given"
         raise TinyLMError(
-            f"the training data has {len(train_stream):,} tokens, fewer than one window of "
-            f"{seq_len + 1}", "give more text or a shorter data.seq_len",
+            f"the training data ({files}) has {len(train_stream):,} tokens, fewer than one "
+            f"window of {seq_len + 1}", "give more text or a shorter data.seq_len",
         )
     eval_windows(val_stream, seq_len)  # a clear error now rather than at the first evaluation
     torch.manual_seed(t.seed)
@@ -276,6 +287,11 @@ def resolve_tokenizer(
         return Tokenizer.load(Path(tmp) / "shared.json")
 
 
+def special_tokens_read(tokenizer: Tokenizer, allow_special: bool) -> frozenset[str]:
+    """The special tokens whose spellings the text may use (data.allow_special): all or none."""
+    return frozenset(tokenizer.special_tokens) if allow_special else frozenset()
+
+
 def prepare_streams(
     files: list[str], val_files: list[str] | None, tokenizer: Tokenizer, cfg: PretrainConfig,
     dist: DistInfo, out: Output,
@@ -285,11 +301,14 @@ def prepare_streams(
     from tinylm.data import encode_corpus, split_stream
     from tinylm.train.distributed import barrier
 
+    allowed = special_tokens_read(tokenizer, cfg.data.allow_special)
+
     def streams(quiet: bool) -> tuple[TokenStream, TokenStream]:
         show = SILENT if quiet else out
-        stream = encode_corpus(files, tokenizer, cfg.data.cache_dir, show)
+        stream = encode_corpus(files, tokenizer, cfg.data.cache_dir, show, allowed_special=allowed)
         if val_files:
-            return stream, encode_corpus(val_files, tokenizer, cfg.data.cache_dir, show)
+            return stream, encode_corpus(val_files, tokenizer, cfg.data.cache_dir, show,
+                                         allowed_special=allowed)
         return split_stream(stream, cfg.data.val_fraction)
 
     if dist.local_rank == 0:
@@ -323,11 +342,14 @@ def pretrain(
     from tinylm.run import TOKENIZER_FILE, read_run_config
     from tinylm.textio import check_output_dir
     from tinylm.tokenizer import Tokenizer
+    from tinylm.train.checkpoint import resume_source
     from tinylm.train.distributed import setup_distributed, shutdown_distributed
 
     run_dir = Path(run_dir)
+    source = run_dir
     if resume:
-        saved = read_run_config(run_dir)
+        source = resume_source(run_dir)  # the newest checkpoint whose settings are intact
+        saved = read_run_config(source)
         if saved.get("stage") != "pretrain":
             raise TinyLMError(f"{run_dir}: not a pretraining run; cannot --resume it")
         if config is not None:
@@ -348,7 +370,7 @@ def pretrain(
         if not resume and dist.is_main and force:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         if resume:
-            tok = Tokenizer.load(run_dir / TOKENIZER_FILE)
+            tok = Tokenizer.load(source / TOKENIZER_FILE)
         else:
             tok = resolve_tokenizer(tokenizer, cfg, files, not val_data, dist, out)
         train_stream, val_stream = prepare_streams(files, val_data, tok, cfg, dist, out)
@@ -371,19 +393,21 @@ def eval_run(
     out: Output = SILENT,
 ) -> dict[str, float]:
     """`tinylm eval`: val_loss and val_bpb of a run on text files (all of it, or `max_tokens`)."""
-    from tinylm.data import encode_corpus
+    from tinylm.data import encode_corpus, eval_windows
     from tinylm.run import load_run
     from tinylm.train.distributed import resolve_device
     from tinylm.train.loop import autocast_context
 
     dev = resolve_device(device)
     run = load_run(model_dir, str(dev))
-    stream = encode_corpus(data, run.tokenizer, cache_dir, out)
-    saved_len = run.config.get("pretrain", {}).get("data", {}).get("seq_len")
-    length = seq_len or saved_len or run.model.config.max_seq_len
-    if length > run.model.config.max_seq_len:
-        raise TinyLMError(f"--seq-len {length} exceeds the model's context "
+    saved_data = run.config.get("pretrain", {}).get("data", {})
+    length = seq_len or saved_data.get("seq_len") or run.model.config.max_seq_len
+    if not 1 <= length <= run.model.config.max_seq_len:
+        raise TinyLMError(f"--seq-len {length} must be between 1 and the model's context "
                           f"({run.model.config.max_seq_len})")
+    allowed = special_tokens_read(run.tokenizer, bool(saved_data.get("allow_special")))
+    stream = encode_corpus(data, run.tokenizer, cache_dir, out, allowed_special=allowed)
+    eval_windows(stream, 2, what=f"the data ({', '.join(map(str, data))})", hint="give more text")
     byte_lengths = token_byte_lengths(run.tokenizer, run.model.config.vocab_size)
     with autocast_context(dev, "auto"):
         result = evaluate(run.model, stream, length, batch_size, byte_lengths, max_tokens)

@@ -9,16 +9,23 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import regex
 
 from tinylm.errors import TinyLMError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl")
 READ_BYTES = 1 << 20  # read files 1 MiB at a time so a corpus never has to fit in memory
+# A JSONL line longer than this is a wrong file (a JSON array, a binary), not one example; the
+# check keeps such a file from being read whole into memory before it fails.
+MAX_LINE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -56,28 +63,56 @@ def expand_paths(
     return files
 
 
+def check_file(path: str | Path, hint: str = "check the path") -> Path:
+    """`path` when it is a regular file; else one clear error: missing, a directory, a device."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise TinyLMError(f"{path}: is a directory, not a file", "give the files inside it")
+    if path.exists():
+        raise TinyLMError(f"{path}: not a regular file")
+    raise TinyLMError(f"{path}: no such file", hint)
+
+
+@contextmanager
+def open_file(path: str | Path, hint: str = "check the path") -> Iterator[BinaryIO]:
+    """A regular file opened for binary reading; `TinyLMError` when it is missing, not a file
+    or unreadable (permissions), naming the file."""
+    path = check_file(path, hint)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise TinyLMError(
+            f"{path}: cannot read it ({exc.strerror})", "check its permissions"
+        ) from None
+    with f:
+        yield f
+
+
+# A letter or digit followed by whitespace, searched from the end of the text.
+_CUT = regex.compile(r"(?r)[\p{L}\p{N}](?=\s)")
+
+
 def _safe_split(text: str) -> int:
-    """The index after the last newline that is followed by a non-space character, or -1.
+    """The index of the last whitespace character that follows a letter or digit, or -1.
 
-    Cutting there never splits what a GPT-2/GPT-4 style pre-tokenizer keeps together, so
-    encoding the pieces gives the same tokens as encoding the whole.
+    GPT-2 and GPT-4 style split patterns end a chunk after a letter or digit that whitespace
+    follows, and look no further back than the chunk they match, so encoding the two sides of
+    such a cut gives the same tokens as encoding the whole. (Cutting after a newline does not:
+    GPT-2's pattern splits "\n\nA" as "\n", "\n", "A" but a piece ending in "\n\n" as one.)
     """
-    i = len(text) - 1
-    while True:
-        i = text.rfind("\n", 0, i)
-        if i < 0:
-            return -1
-        if i + 1 < len(text) and not text[i + 1].isspace():
-            return i + 1
+    match = _CUT.search(text)
+    return match.end() if match else -1
 
 
-def _iter_file_text(path: Path, max_chars: int) -> Iterator[str]:
+def _iter_file_text(path: Path, max_chars: int, hint: str = "check the path") -> Iterator[str]:
     """A UTF-8 file's text in pieces of at most about `max_chars`, cut at safe boundaries."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
     pending = ""
     first = True
-    with open(path, "rb") as f:
+    with open_file(path, hint) as f:
         while True:
             block = f.read(READ_BYTES)
             try:
@@ -88,7 +123,7 @@ def _iter_file_text(path: Path, max_chars: int) -> Iterator[str]:
                     "convert the file to UTF-8 (e.g. iconv -t utf-8)",
                 ) from None
             offset += len(block)
-            if first:
+            if first and text:  # the first character, even when the first block cut it
                 if text.startswith("\ufeff"):
                     text = text[1:]
                 first = False
@@ -110,41 +145,91 @@ def _iter_file_text(path: Path, max_chars: int) -> Iterator[str]:
         yield pending
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for each non-empty line of a JSONL file."""
+def _parse_json(text: str, path: Path, lineno: int | None = None) -> Any:
+    """`json.loads`; an error names the file and line (`lineno`: the line of a JSONL file that
+    `text` is; else the line within `text`)."""
+    where = f"{path}:{lineno}" if lineno else str(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"{path}:{lineno or exc.lineno}"
+        raise TinyLMError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise TinyLMError(f"{where}: JSON nested too deeply to read") from None
+    if "\\u" in text:  # JSON may escape half a surrogate pair, which no UTF-8 text can hold
+        check_text(json.dumps(obj, ensure_ascii=False), where, "a \\u escape lacks its pair")
+    return obj
+
+
+def check_text(text: str, what: str, hint: str | None = None) -> str:
+    """`text` when it is Unicode text; an error naming `what` when it holds half a surrogate
+    pair (U+D800-U+DFFF): a JSON escape, or bytes that a command line could not decode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        half = f"U+{ord(text[exc.start]):04X}"
+        raise TinyLMError(
+            f"{what}: holds half a surrogate pair ({half}), which is not text", hint
+        ) from None
+    return text
+
+
+def iter_jsonl(path: str | Path, hint: str = "check the path") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-empty line of a JSONL file.
+
+    Accepted and read as the plain file would be: a UTF-8 byte order mark, CRLF line ends,
+    blank lines (skipped). Errors name the file and line: invalid UTF-8, invalid or too deeply
+    nested JSON, a line over `MAX_LINE_BYTES`.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise TinyLMError(f"{path}: no such file", "check the path")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open_file(path, hint) as f:
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise TinyLMError(
+                    f"{path}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes",
+                    "is it a JSONL file, one JSON object a line?",
+                )
             try:
                 line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise TinyLMError(f"{path}:{lineno}: not valid UTF-8") from None
+            except UnicodeDecodeError as exc:
+                raise TinyLMError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte {exc.start + 1} of the line)",
+                    "convert the file to UTF-8",
+                ) from None
             if lineno == 1 and line.startswith("\ufeff"):
                 line = line[1:]
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TinyLMError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if line.strip():
+                yield lineno, _parse_json(line, path, lineno)
+
+
+def read_text(path: str | Path, hint: str = "check the path") -> str:
+    """A whole UTF-8 text file, its byte order mark dropped; a clear error for a missing or
+    unreadable file, invalid UTF-8 or NUL bytes (a binary file). Line ends are kept."""
+    return "".join(_iter_file_text(Path(path), sys.maxsize, hint))
+
+
+def read_json(path: str | Path, hint: str = "check the path") -> Any:
+    """A JSON file's content; errors name the file (and the line of a syntax error)."""
+    return _parse_json(read_text(path, hint), Path(path))
 
 
 def _iter_jsonl_texts(path: Path) -> Iterator[TextPiece]:
     for lineno, obj in iter_jsonl(path):
         if not isinstance(obj, dict) or "text" not in obj:
-            raise TinyLMError(f"{path}:{lineno}: expected an object with a \"text\" key")
+            raise TinyLMError(f'{path}:{lineno}: expected an object with a "text" key')
         if not isinstance(obj["text"], str):
-            raise TinyLMError(f"{path}:{lineno}: \"text\" must be a string")
+            raise TinyLMError(f'{path}:{lineno}: "text" must be a string')
         yield TextPiece(obj["text"], f"{path}:{lineno}", doc_end=True)
 
 
 def iter_text(paths: Iterable[str | Path], max_chars: int = READ_BYTES) -> Iterator[TextPiece]:
     """The documents of text files (one per file) and JSONL files (one per line's "text").
 
-    Large files come in pieces of about `max_chars` characters, cut only before a line that
-    starts with a non-space character; `doc_end` marks each document's last piece.
+    Large files come in pieces of about `max_chars` characters, cut only where a GPT-style
+    pre-tokenizer cuts anyway (before whitespace that follows a letter or digit); `doc_end`
+    marks each document's last piece.
     """
     for path in expand_paths(paths):
         if path.suffix.lower() == ".jsonl":
@@ -166,7 +251,18 @@ def check_output_dir(path: str | Path, force: bool) -> Path:
         raise TinyLMError(f"{path}: exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise TinyLMError(f"{path}: already exists and is not empty", "pass --force to overwrite")
+    existing = next(p for p in path.parents if p.exists())  # the root always exists
+    if not existing.is_dir():
+        raise TinyLMError(f"{path}: cannot be created, {existing} is not a directory")
     return path
+
+
+def check_distinct(source: str | Path, out_dir: str | Path) -> None:
+    """Refuse an output directory that is also an input: --force would write over the input."""
+    if Path(out_dir).exists() and Path(out_dir).resolve() == Path(source).resolve():
+        raise TinyLMError(
+            f"{out_dir}: is the input directory too ({source})", "choose another -o directory"
+        )
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -8,28 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from tinylm.cli.app import Json, Quiet, app, output
+from tinylm.config import find_preset
 from tinylm.errors import TinyLMError
-
-PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def preset_names() -> list[str]:
-    """Names of the presets shipped in tinylm/configs (`tiny`, `small`, ...)."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def find_preset(target: str) -> Path:
-    """A YAML path as given, or the shipped preset of that name; a clear error otherwise."""
-    path = Path(target)
-    if path.is_file():
-        return path
-    shipped = PRESET_DIR / f"{target}.yaml"
-    if "/" not in target and shipped.is_file():
-        return shipped
-    raise TinyLMError(
-        f"{target}: no such run directory, config file or preset",
-        f"presets: {', '.join(preset_names())}",
-    )
 
 
 def _tokenizer_summary(path: Path) -> dict[str, Any]:

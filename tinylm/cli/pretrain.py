@@ -48,6 +48,11 @@ def pretrain(
     fsdp: Annotated[
         bool, typer.Option("--fsdp", help="Shard the model with FSDP2 (under torchrun).")
     ] = False,
+    allow_special: Annotated[
+        bool, typer.Option("--allow-special", help="Read special-token spellings in the text "
+                           "(<|endoftext|> between documents) as control tokens; by default "
+                           "they are plain text.")
+    ] = False,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE, "
                                        "e.g. train.lr=3e-3 (repeatable).")
@@ -71,6 +76,8 @@ def pretrain(
 
         tinylm pretrain -o runs/shakes --resume
 
+        tinylm pretrain -c tiny -d docs.txt -t tok/ -o runs/docs --allow-special
+
         torchrun --nproc_per_node=4 -m tinylm pretrain -c small -d corpus/ -t tok/ -o runs/small
     """
     from tinylm.pretrain import pretrain as run_pretrain
@@ -80,16 +87,12 @@ def pretrain(
         "train.max_time": max_time, "train.save_every": save_every,
         "train.eval_every": eval_every, "train.seed": seed, "train.device": device,
         "train.compile": True if compile else None, "train.fsdp": True if fsdp else None,
+        "data.allow_special": True if allow_special else None,
     }
     overrides = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
-    config_path = None
-    if config is not None:
-        from tinylm.cli.info import find_preset
-
-        config_path = find_preset(config)
     out = output(quiet, json)
     result = run_pretrain(
-        data, out_dir, config=config_path, tokenizer=tokenizer, val_data=val_data,
+        data, out_dir, config=config, tokenizer=tokenizer, val_data=val_data,
         overrides=overrides, resume=resume, force=force, out=out,
     )
     if result.stopped == "interrupted":

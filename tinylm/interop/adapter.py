@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tinylm.errors import TinyLMError
+from tinylm.textio import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +38,7 @@ _WEIGHT_PREFIX = "base_model.model."
 def load_adapter_base(run_dir: Path) -> tuple[Path, Run]:
     """The base run directory of adapter run `run_dir` and that run loaded (merged, when the
     base is itself an adapter run)."""
-    from tinylm.lora import base_run_path, is_adapter_run, load_adapter_run
+    from tinylm.lora import base_run_path, check_base, is_adapter_run, load_adapter_run
     from tinylm.run import load_run, read_run_config
 
     config = read_run_config(run_dir)
@@ -46,6 +47,7 @@ def load_adapter_base(run_dir: Path) -> tuple[Path, Run]:
                           "is the adapter run complete? tinylm finetune --lora writes it")
     base_path = base_run_path(run_dir, config)
     base = load_adapter_run(base_path) if is_adapter_run(base_path) else load_run(base_path)
+    check_base(run_dir, config, base)
     return base_path, base
 
 
@@ -128,10 +130,7 @@ def read_peft_adapter(
     from tinylm.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
     config_file, weights_file = run_dir / ADAPTER_CONFIG_FILE, run_dir / ADAPTER_WEIGHTS_FILE
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TinyLMError(f"{config_file}: unreadable ({exc})") from None
+    config = read_json(config_file)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise TinyLMError(f"{config_file}: not a LoRA adapter config (peft_type must be LORA)")
     try:

@@ -25,19 +25,13 @@ from tinylm.errors import TinyLMError
 from tinylm.interop import hf_tokenizer
 from tinylm.interop.hf_config import to_hf_config
 from tinylm.interop.hf_weights import to_hf_state
-from tinylm.textio import check_output_dir
+from tinylm.textio import check_distinct, check_output_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def check_distinct(source: Path, out_dir: Path) -> None:
-    """Refuse to write over the input directory (which --force would otherwise allow)."""
-    if out_dir.exists() and out_dir.resolve() == source.resolve():
-        raise TinyLMError(f"{out_dir}: is the input directory too", "choose another -o directory")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -8,13 +8,13 @@ loader does not (it refuses other models, normalizers and non-byte-level pre-tok
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tinylm.chat import END_OF_TEXT, TURN_END, TURN_START, chat_template_jinja
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
+from tinylm.textio import read_json
 
 if TYPE_CHECKING:
     from tinylm.tokenizer import Tokenizer
@@ -76,10 +76,7 @@ def check_hf_tokenizer(file: Path, out: Output = SILENT) -> None:
             f"{file.parent}: no tokenizer.json",
             "tinylm imports byte-level BPE tokenizers saved by the `tokenizers` library",
         )
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TinyLMError(f"{file}: not valid JSON ({exc})") from None
+    data = read_json(file)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE":
         kind = model.get("type") if isinstance(model, dict) else None

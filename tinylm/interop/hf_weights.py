@@ -8,7 +8,6 @@ tensor of `GPT2LMHeadModel`, whose `Conv1D` layers store weights as (in, out), t
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from tinylm.errors import TinyLMError
 from tinylm.model import ModelConfig
+from tinylm.textio import read_json
 
 # tinylm name inside a layer -> (GPT-2 name inside a block, transposed?)
 _GPT2_LAYER = {
@@ -127,10 +127,12 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-            raise TinyLMError(f"{index}: not a safetensors index ({exc})") from None
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) for name in weight_map.values()
+        ):
+            raise TinyLMError(f"{index}: not a safetensors index (no 'weight_map' of file names)")
         files = [directory / name for name in sorted(set(weight_map.values()))]
     elif any(directory.glob("pytorch_model*.bin")) or any(directory.glob("*.pt")):
         raise TinyLMError(

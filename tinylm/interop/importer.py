@@ -7,7 +7,6 @@ and writes a run directory through `tinylm.run.save_run`.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,11 +14,11 @@ from typing import Any
 
 from tinylm.console import SILENT, Output, Stopwatch
 from tinylm.errors import TinyLMError
-from tinylm.interop.export import check_distinct, replace_dir
+from tinylm.interop.export import replace_dir
 from tinylm.interop.hf_config import from_hf_config
 from tinylm.interop.hf_tokenizer import check_hf_tokenizer
 from tinylm.interop.hf_weights import from_hf_state, read_hf_weights
-from tinylm.textio import check_output_dir
+from tinylm.textio import check_distinct, check_output_dir, read_json
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -29,10 +28,7 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     file = directory / "config.json"
     if not file.is_file():
         raise TinyLMError(f"{directory}: no config.json; not a Hugging Face model directory")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TinyLMError(f"{file}: not valid JSON ({exc})") from None
+    config = read_json(file)
     if not isinstance(config, dict):
         raise TinyLMError(f"{file}: expected a JSON object")
     return config
@@ -71,8 +67,8 @@ def import_hf(
     check_distinct(source, out_dir)
     check_output_dir(out_dir, force)
     clock = Stopwatch()
-    out.info(f"importing {source} to {out_dir}")
-    model, tokenizer, arch = load_hf_model(source, out)
+    model, tokenizer, arch = load_hf_model(source, out)  # checked before anything is said
+    out.info(f"importing {source} ({arch}) to {out_dir}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

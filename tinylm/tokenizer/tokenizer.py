@@ -20,7 +20,7 @@ import regex
 from tinylm.chat import DEFAULT_SPECIAL_TOKENS, END_OF_TEXT
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
-from tinylm.textio import atomic_write_json
+from tinylm.textio import atomic_write_json, read_json
 from tinylm.tokenizer import bpe, parallel
 from tinylm.tokenizer.hf_format import BPEState, from_hf_json, to_hf_json, to_tiktoken
 from tinylm.tokenizer.pretokenize import (
@@ -125,11 +125,7 @@ class Tokenizer:
             raise TinyLMError(
                 f"{path}: no such tokenizer file", "give a tokenizer.json or its directory"
             )
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TinyLMError(f"{path}: not a valid JSON file ({exc})") from None
-        return cls(from_hf_json(doc, str(path)))
+        return cls(from_hf_json(read_json(path), str(path)))
 
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json (atomically) to a directory, or to a path ending in .json."""

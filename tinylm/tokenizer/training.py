@@ -48,13 +48,14 @@ class TrainResult:
         return n_bytes / n_tokens if n_tokens else None
 
 
-def n_merges_for(vocab_size: int, n_special: int) -> int:
-    """Merges needed for a vocabulary size; an error if it cannot even hold the bytes + specials."""
+def n_merges_for(vocab_size: int, n_special: int, key: str = "--vocab-size") -> int:
+    """Merges needed for a vocabulary size; an error if it cannot even hold the bytes + specials
+    (`key`: the option or config key that set the size, named in the error)."""
     smallest = 256 + n_special
     if vocab_size < smallest:
         raise TinyLMError(
-            f"vocab size {vocab_size} is smaller than 256 byte tokens + {n_special} special tokens",
-            f"use --vocab-size {smallest} or more",
+            f"{key} {vocab_size} is smaller than 256 byte tokens + {n_special} special tokens",
+            f"use {key} {smallest} or more",
         )
     return vocab_size - smallest
 
@@ -140,6 +141,7 @@ def _train(
     out: Output,
     total_bytes: int | None,
     held_out: list[str],
+    source: str = "the texts",
 ) -> TrainResult:
     specials = check_special_tokens(special_tokens)
     n_merges = n_merges_for(vocab_size, len(specials))
@@ -147,7 +149,7 @@ def _train(
     start = time.perf_counter()
     counts, n_bytes = count_chunks(texts, regex_text, out, total_bytes)
     if n_bytes == 0:
-        raise TinyLMError("no text to train on: the inputs are empty", "give files that hold text")
+        raise TinyLMError(f"no text to train on: {source} hold no text", "give text files")
     counted = time.perf_counter()
     merges = learn_merges(counts, n_merges, out)
     if len(merges) < n_merges:
@@ -189,8 +191,12 @@ def train_from_files(
     resolve_pattern(pattern)
     if max_bytes is not None and max_bytes <= 0:
         raise TinyLMError(f"max bytes must be positive, got {max_bytes}")
+    paths = list(paths)
     reader = CorpusReader(paths, max_bytes=max_bytes, holdout=holdout)
-    return _train(reader, vocab_size, pattern, specials, out, reader.total_bytes, reader.held_out)
+    source = ", ".join(str(p) for p in paths)
+    return _train(
+        reader, vocab_size, pattern, specials, out, reader.total_bytes, reader.held_out, source
+    )
 
 
 def summary(result: TrainResult, path: Path | None = None) -> dict[str, Any]:
