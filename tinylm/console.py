@@ -81,8 +81,9 @@ class Output:
             self.err.print(message, highlight=False)
 
     def warn(self, message: str) -> None:
-        """A warning on stderr; shown even with --quiet, because it asks for attention."""
-        self.err.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        """A warning on stderr; shown even with --quiet, because it asks for attention. One
+        line, never broken by Rich (a path or command in it stays whole for copying)."""
+        self.err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
     @contextmanager
     def progress(self, description: str, total: float | None = None) -> Iterator[ProgressHandle]:

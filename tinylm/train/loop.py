@@ -2,8 +2,10 @@
 
 A stage gives it a model, a batch source and a loss; the loop does the rest the same way for
 all of them: optimizer and schedule, gradient accumulation, clipping, bf16 autocast on CUDA,
-`torch.compile`, DDP / FSDP2 under torchrun, periodic evaluation, metrics.jsonl, atomic
-checkpoints, exact resume, Ctrl-C, `max_time`, and a stop with a clear message on a NaN loss.
+`torch.compile`, DDP / FSDP2 under torchrun, periodic evaluation, metrics.jsonl, atomic and
+verified checkpoints (`tinylm.train.checkpoint`), exact resume, Ctrl-C, `max_time`, and a stop
+with a clear message at the first NaN/inf loss or gradient norm. A checkpoint is never written
+from weights that are not finite, so the last checkpoint is always a good one.
 
     batches(step, micro) -> batch
         `step` is the 0-based optimizer step; `micro` numbers the micro-batches of that step
@@ -177,13 +179,25 @@ class _Session:
         self.progress: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "eval_s": 0.0,
                                          "seed": cfg.seed, "last_eval": {}}
 
+    def weights_finite(self) -> bool:
+        """True when no parameter holds NaN or inf (collective: each rank checks its shards)."""
+        bad = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        for param in self.model.parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            bad += (~torch.isfinite(local.detach())).any().to(bad.dtype)
+        return all_reduce_sum(bad, self.dist).item() == 0
+
     def save(self, step: int) -> Path | None:
-        """A checkpoint after `step` steps (collective; rank 0 writes). Its path on rank 0."""
+        """A checkpoint after `step` steps (collective; rank 0 writes). Its path on rank 0.
+        Raises `TinyLMError` instead when the weights are not finite."""
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
             get_optimizer_state_dict,
         )
 
+        if not self.weights_finite():
+            raise diverged(self.run_dir, f"training diverged at step {step}: the update left "
+                           "NaN or inf in the weights")
         optim_state = get_optimizer_state_dict(self.model, self.optimizers, options=self.full)
         to_write = self.model
         if self.cfg.fsdp:
@@ -201,16 +215,25 @@ class _Session:
         barrier(self.dist)
         return path
 
-    def restore(self) -> Path:
-        """Load the latest checkpoint into the model and optimizers; return its path."""
+    def restore(self, out: Output) -> Path:
+        """Load the newest good checkpoint into the model and optimizers; return its path.
+        Damaged newer ones are set aside with a warning (`checkpoint.prepare_resume`)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
-        path = ckpt.require_checkpoint(self.run_dir)
-        progress, optim_state = ckpt.read_train_state(path) if self.dist.is_main else ({}, {})
+        found: tuple[Any, ...] = (None, {}, {}, None)  # path, progress, optimizer, error
+        if self.dist.is_main:
+            try:
+                path, state = ckpt.prepare_resume(self.run_dir, out)
+                found = (path, *ckpt.read_train_state(path, state), None)
+            except TinyLMError as exc:
+                found = (None, {}, {}, (exc.args[0], exc.hint))
+        path, progress, optim_state, error = broadcast_object(found, self.dist)
+        if error is not None:  # on every process, so that none waits for the others
+            raise TinyLMError(*error)
         if self.cfg.fsdp:
             weights: dict[str, torch.Tensor] = {}
             if self.shadow is not None:
@@ -220,7 +243,6 @@ class _Session:
             set_model_state_dict(self.model, weights, options=options)
         elif self.dist.is_main:
             self.load_model(path, self.model)  # DDP copies rank 0's weights to the others
-        progress, optim_state = broadcast_object((progress, optim_state), self.dist)
         # The moments come from the checkpoint; hyper-parameters (lr, decay, betas) from the
         # current config, so `--set train.lr=...` on resume takes effect.
         settings = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
@@ -269,9 +291,12 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     session = _Session(model, cfg, dist, run_dir, save_model, load_model)
-    resumed_from = session.restore() if resume else None
+    resumed_from = session.restore(out) if resume else None
     progress = session.progress
-    log = MetricsLog(run_dir, progress["step"] if resume else None) if dist.is_main else None
+    log = None
+    if dist.is_main:
+        with disk_errors(run_dir):
+            log = MetricsLog(run_dir, progress["step"] if resume else None)
     if resumed_from is not None:
         out.info(f"resuming from {resumed_from} (step {progress['step']})")
     runner = _Runner(session, wrap_for_training(model, dist, cfg.compile, cfg.fsdp), batches,
@@ -285,9 +310,33 @@ def train(
             log.close()
     if dist.is_main:
         summary = _summary(result)
-        finish_report(run_dir, title, summary, config or {})
+        with disk_errors(run_dir):
+            finish_report(run_dir, title, summary, config or {})
         out.table(f"{title}: {run_dir}", summary)
     return result
+
+
+@contextlib.contextmanager
+def disk_errors(run_dir: Path) -> Iterator[None]:
+    """Turn an OS error while writing the run's files (a full disk, a quota, permissions)
+    into one clear `TinyLMError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise TinyLMError(f"{run_dir}: could not write the run's files ({exc})",
+                          "free disk space or fix permissions, then continue with --resume"
+                          ) from exc
+
+
+def diverged(run_dir: Path, what: str) -> TinyLMError:
+    """The error that stops a run whose loss, gradients or weights are no longer finite."""
+    last = ckpt.latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+    return TinyLMError(
+        f"{what}; stopped, {kept}",
+        "lower the learning rate (train.lr) or raise train.warmup_steps, and check the data "
+        "for broken examples; then start again, or --resume with the new settings",
+    )
 
 
 def _summary(result: TrainResult) -> dict[str, Any]:
@@ -412,13 +461,9 @@ class _Runner:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.log is not None:
-            self.log.write(record)
+            with disk_errors(self.s.run_dir):
+                self.log.write(record)
 
     def _diverged(self, step: int, loss: float, grad_norm: float) -> None:
-        last = ckpt.latest_checkpoint(self.s.run_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
         what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
-        raise TinyLMError(
-            f"training diverged at step {step + 1}: {what}; stopped, {kept}",
-            "lower train.lr or raise train.warmup_steps, then --resume or start again",
-        )
+        raise diverged(self.s.run_dir, f"training diverged at step {step + 1}: {what}")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tinylm.console import format_value
+from tinylm.errors import TinyLMError
 from tinylm.textio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -22,12 +23,23 @@ REPORT_FILE = "report.md"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (a missing file has none)."""
+    """The records of a metrics.jsonl file (a missing file has none). A last line cut short
+    (a crash or a full disk in the middle of an append) is left out."""
     path = Path(path)
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if n == lines[-1][0] and not text.endswith("\n"):
+                break
+            raise TinyLMError(f"{path}:{n}: not a JSON record; the metrics log is damaged",
+                              "remove the line") from None
+    return records
 
 
 class MetricsLog:
@@ -73,10 +85,10 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> No
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp)
+        fig.savefig(tmp, format="png")
         os.replace(tmp, path)
     finally:
         plt.close(fig)
