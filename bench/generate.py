@@ -5,14 +5,16 @@ weights, in one run on the same machine.
     .venv/bin/python bench/generate.py --presets small --new-tokens 32 --no-write
 
 Random-init weights (speed does not depend on what was learned), float32, greedy, a 64-token
-prompt of real text, no stop tokens so every row decodes the same number of steps. Prefill (the
-prompt's one forward) and decode (one token per step) are timed apart; decode tokens/s counts
-every row of the batch. At batch 1 the same weights run through `transformers`
-(`AutoModelForCausalLM` built from tinylm's export config, `generate(do_sample=False)`), the
-tokens are checked equal, and the ratio of end-to-end times is printed (target: tinylm >=
-1.5x). Each setting runs `--repeats` times, the two libraries alternating, and the fastest run
-counts (the machine may be shared).
-Results go to the generate section of bench/results.md.
+prompt of real text, no stop tokens so every row decodes the same number of steps. The model is
+prepared as `tinylm generate` loads it (`pack_weights`, timed once apart, like a load). Prefill
+(the prompt's one forward) and decode (one token per step) are timed apart; decode tokens/s
+counts every row of the batch. At batch 1 the same weights run through `transformers`
+(`AutoModelForCausalLM` built from tinylm's export config, `generate(do_sample=False)` with its
+default cache), the tokens are checked equal, and the ratio of the median end-to-end times is
+printed (target: tinylm >= 1.5x), with the spread of the repeat-by-repeat ratios and the ratio
+of median CPU times (process time, which other processes on a shared machine disturb less).
+Each setting runs `--repeats` times after a warm-up, the two libraries alternating, so that the
+machine's load falls on both alike. Results go to the generate section of bench/results.md.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 RESULTS = REPO / "bench" / "results.md"
 START, END = "<!-- generate:start -->", "<!-- generate:end -->"
 PROMPT_TOKENS = 64
+NOTE = """At batch 1 on a CPU a decode step of either library mostly streams the weights from \
+memory (gpt2-124m: 500 MB a token in float32). tinylm's step is the bare forward with a \
+preallocated cache, over weights `pack_weights` laid out for matrix-vector products (q|k|v and \
+gate|up fused, the wide ones and the head stored input-major); transformers adds its cache \
+objects (concatenated every step), mask building and logits processors."""
 
 
 def prompt_texts(n: int) -> list[str]:
@@ -43,9 +50,29 @@ def prompt_texts(n: int) -> list[str]:
     return [text[1000 * i : 1000 * i + PROMPT_TOKENS] for i in range(n)]
 
 
+class FullVocab:
+    """A stand-in tokenizer over the model's whole vocabulary: ids below 256 are bytes, the rest
+    print nothing. Random weights may pick any id; a trained run's tokenizer likewise covers its
+    model's vocabulary, so neither library is asked to suppress ids. No end-of-text token, so
+    every row runs to full length."""
+
+    special_tokens: dict[str, int] = {}
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token]) if token < 256 else b""
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
+
+
 def build(preset: str) -> Any:
-    from tinylm.cli.info import find_preset
-    from tinylm.config import read_yaml
+    from tinylm.config import find_preset, read_yaml
     from tinylm.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
@@ -62,12 +89,12 @@ def tinylm_runner(model: Any, tok: Any, batch: int, new_tokens: int) -> Callable
     generate(model, tok, ids, SamplingConfig(max_new_tokens=4, temperature=0), batch_size=batch)
 
     def run() -> dict:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = generate(model, tok, ids, config, batch_size=batch)
-        total = time.perf_counter() - start
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu
         assert all(g.n_tokens == new_tokens for g in out)
-        return {"total_s": total, "prefill_s": out[0].prefill_s, "decode_s": out[0].decode_s,
-                "tokens": out[0].token_ids}
+        return {"total_s": total, "cpu_s": cpu, "prefill_s": out[0].prefill_s,
+                "decode_s": out[0].decode_s, "tokens": out[0].token_ids}
 
     return run
 
@@ -89,31 +116,47 @@ def transformers_runner(model: Any, tok: Any, new_tokens: int) -> Callable[[], d
     if model.config.tie_embeddings:
         hf.tie_weights()
     ids = torch.tensor([tok.encode(prompt_texts(1)[0])])
-    kwargs = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None,
-              # tinylm never samples ids its tokenizer lacks; ask transformers for the same
-              "suppress_tokens": list(range(tok.vocab_size, model.config.vocab_size))}
+    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0,
+              "eos_token_id": None}
     with torch.inference_mode():
-        hf.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)
+        hf.generate(ids, max_new_tokens=4, **kwargs)
 
     def run() -> dict:
         with torch.inference_mode():
-            start = time.perf_counter()
-            out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-            total = time.perf_counter() - start
-        return {"total_s": total, "tokens": out[0, ids.shape[1]:].tolist()}
+            start, cpu = time.perf_counter(), time.process_time()
+            out = hf.generate(ids, max_new_tokens=new_tokens, **kwargs)
+            total, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return {"total_s": total, "cpu_s": cpu, "tokens": out[0, ids.shape[1]:].tolist()}
 
     return run
 
 
-def best_of(runs: list[dict]) -> dict:
-    """The fastest run: on a shared machine the minimum is the least disturbed measurement."""
-    return min(runs, key=lambda r: r["total_s"])
+def median_run(runs: list[dict], key: str = "total_s") -> dict:
+    """The run of median `key` (the upper middle one for an even count)."""
+    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
+
+
+def compare(preset: str, new_tokens: int, ours: list[dict], theirs: list[dict]) -> str:
+    """One line: median wall-clock times and their ratio, the spread of the per-repeat ratios,
+    the ratio of median CPU times (less disturbed by other processes), same tokens or not."""
+    mine, hf = median_run(ours), median_run(theirs)
+    paired = sorted(h["total_s"] / o["total_s"] for o, h in zip(ours, theirs, strict=True))
+    cpu = median_run(theirs, "cpu_s")["cpu_s"] / median_run(ours, "cpu_s")["cpu_s"]
+    same = all(h["tokens"] == mine["tokens"] for h in theirs)
+    return (f"- {preset}, batch 1, {new_tokens} new tokens: transformers generate "
+            f"{hf['total_s']:.2f} s, tinylm {mine['total_s']:.2f} s: tinylm "
+            f"**{hf['total_s'] / mine['total_s']:.2f}x** as fast (repeat by repeat "
+            f"{paired[0]:.2f}x to {paired[-1]:.2f}x; CPU time {cpu:.2f}x; "
+            f"{'same tokens' if same else 'DIFFERENT tokens'}; target 1.5x)")
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def machine() -> str:
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads, load average {load}")
+            f"{torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def write_results(section: str) -> None:
@@ -134,7 +177,7 @@ def main() -> None:
     parser.add_argument("--presets", default="small,gpt2-124m")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
@@ -143,58 +186,55 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from tinylm.generate import pack_weights
     from tinylm.model import param_breakdown
-    from tinylm.tokenizer import Tokenizer
 
-    tok = Tokenizer.bytes_only(special_tokens=())  # no end token: every row runs full length
+    load_before = load_average()
     rows = ["| preset | params | batch | prefill (64 tok) ms | decode tok/s (all rows) | "
             "end-to-end s |", "|---|---:|---:|---:|---:|---:|"]
     notes = []
     for preset in args.presets.split(","):
         model = build(preset)
+        tok = FullVocab(model.config.vocab_size)
         params = param_breakdown(model.config)["total"]
+        theirs = None if args.no_hf else transformers_runner(model, tok, args.new_tokens)
+        start = time.perf_counter()
+        pack_weights(model)
+        notes.append(f"- {preset}: `pack_weights` (once, at load) "
+                     f"{1000 * (time.perf_counter() - start):.0f} ms")
         for batch in (int(b) for b in args.batches.split(",")):
             ours = tinylm_runner(model, tok, batch, args.new_tokens)
-            theirs = (transformers_runner(model, tok, args.new_tokens)
-                      if batch == 1 and not args.no_hf else None)
             our_runs, their_runs = [], []
             for _ in range(args.repeats):  # alternate, so both see the same machine load
                 our_runs.append(ours())
-                if theirs is not None:
+                if theirs is not None and batch == 1:
                     their_runs.append(theirs())
-            r = best_of(our_runs)
+            r = median_run(our_runs)
             decode_tok_s = batch * args.new_tokens / r["decode_s"]
             line = (f"| {preset} | {params / 1e6:.1f}M | {batch} | {1000 * r['prefill_s']:.1f} | "
                     f"{decode_tok_s:.1f} | {r['total_s']:.2f} |")
             rows.append(line)
             print(line, flush=True)
             if their_runs:
-                hf = best_of(their_runs)
-                same = "same tokens" if hf["tokens"] == r["tokens"] else "DIFFERENT tokens"
-                note = (f"- {preset}, batch 1, {args.new_tokens} new tokens: transformers "
-                        f"generate {hf['total_s']:.2f} s, tinylm {r['total_s']:.2f} s: tinylm "
-                        f"**{hf['total_s'] / r['total_s']:.2f}x** as fast ({same}; target 1.5x)")
-                notes.append(note)
-                print(note, flush=True)
+                notes.append(compare(preset, args.new_tokens, our_runs, their_runs))
+                print(notes[-1], flush=True)
     import transformers
 
     threads = f" --threads {args.threads}" if args.threads else ""
     section = "\n".join([
         f"`.venv/bin/python bench/generate.py --presets {args.presets} --batches {args.batches} "
         f"--new-tokens {args.new_tokens}{threads}` on {datetime.date.today()}, CPU only "
-        f"(no GPU lent), float32, greedy, random-init weights, fastest of {args.repeats} "
+        f"(no GPU lent), float32, greedy, random-init weights, median of {args.repeats} "
         "(tinylm and transformers runs alternate).",
-        f"Machine: {machine()}; transformers {transformers.__version__}, "
+        f"Machine: {machine()}; load average (1, 5, 15 min) {load_before} before, "
+        f"{load_average()} after; transformers {transformers.__version__}, "
         f"Python {sys.version.split()[0]}.",
         "",
         *rows,
         "",
         *notes,
         "",
-        "At batch 1 on a CPU a decode step of either library mostly streams the weights from "
-        "memory (gpt2-124m: 500 MB a token, float32), so the ratio measures what each adds "
-        "around the same matrix products: tinylm's step is the bare forward with a preallocated "
-        "cache; transformers adds its cache objects, mask building and logits processors.",
+        NOTE,
     ])
     if not args.no_write:
         write_results(section)

@@ -3,6 +3,7 @@ UTF-8 streaming, the chat template, and the `generate` / `chat` commands."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -22,6 +23,7 @@ from tinylm.generate import (
     apply_repetition_penalty,
     fit_prompt,
     generate,
+    pack_weights,
     top_k_filter,
     top_p_filter,
 )
@@ -57,24 +59,62 @@ class Recorder(nn.Module):
         return logits
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_cached_decoding_logits_equal_full_forward(family: str, tok: Tokenizer) -> None:
-    model = tiny_model(family)
+def check_cached_decoding(model: nn.Module, reference: Transformer, tok: Tokenizer) -> None:
+    """Greedy decoding of `model`, batched with left padding, gives at every step the logits
+    of `reference`'s full forward over the whole sequence; alone, each prompt the same tokens."""
     prompts = [tok.encode("To be, or not"), tok.encode("ab"), tok.encode("Thus")]
     recorder = Recorder(model)
     outputs = generate(recorder, tok, prompts, GREEDY, batch_size=3)
     order = sorted(range(3), key=lambda i: len(prompts[i]))  # generate groups by length
     for i, (prompt, gen) in enumerate(zip(prompts, outputs, strict=True)):
         row = order.index(i)
-        full = model(torch.tensor([prompt + gen.token_ids]))[0]
+        full = reference(torch.tensor([prompt + gen.token_ids]))[0]
         for step in range(gen.n_tokens):
             cached = recorder.calls[step][row]
             torch.testing.assert_close(cached, full[len(prompt) - 1 + step], atol=1e-5, rtol=0)
         assert gen.token_ids == [int(full[len(prompt) - 1 + s].argmax()) for s in
                                  range(gen.n_tokens)]
-    # Unbatched, each prompt alone, gives the same greedy tokens.
     for prompt, gen in zip(prompts, outputs, strict=True):
         assert generate(model, tok, [prompt], GREEDY)[0].token_ids == gen.token_ids
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cached_decoding_logits_equal_full_forward(family: str, tok: Tokenizer) -> None:
+    model = tiny_model(family)
+    check_cached_decoding(model, model, tok)
+
+
+@pytest.mark.parametrize(("family", "kw"), [("llama", {"n_kv_heads": 2}),
+                                            ("llama", {"tie_embeddings": False}), ("gpt2", {})])
+def test_pack_weights_changes_the_layout_not_the_results(family: str, kw: dict,
+                                                         tok: Tokenizer) -> None:
+    model = tiny_model(family, **kw)
+    packed = copy.deepcopy(model)
+    pack_weights(packed)
+    pack_weights(packed)  # a second call changes nothing
+    attn, mlp = packed.model.layers[0].self_attn, packed.model.layers[0].mlp
+    assert attn.qkv is not None and attn.q_proj.weight.data_ptr() == attn.qkv[0].data_ptr()
+    assert (mlp.gate_up is not None) == (family == "llama")
+    assert packed.lm_head.weight.stride() == (1, packed.config.vocab_size)  # stored (in, out)
+    before, after = model.state_dict(), packed.state_dict()
+    assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
+    check_cached_decoding(packed, model, tok)
+
+
+def test_pack_weights_leaves_unmerged_lora_layers(tok: Tokenizer) -> None:
+    from tinylm.lora import LoraSettings, apply_lora
+
+    model = apply_lora(tiny_model("llama"), LoraSettings(targets="q_proj,up_proj")).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # a trained adapter: it changes the output
+    ids = torch.tensor([tok.encode("Thus")])
+    expected = model(ids)
+    pack_weights(model)
+    layer = model.base_model.model.model.layers[0]
+    assert layer.self_attn.qkv is None and layer.mlp.gate_up is None
+    torch.testing.assert_close(model(ids), expected, atol=1e-5, rtol=0)
 
 
 def test_top_k_keeps_exactly_the_k_largest() -> None:

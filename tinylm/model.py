@@ -190,14 +190,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.n_heads * self.head_dim, config.d_model, bias=bias)
+        # q|k|v as one (weight, bias) for inference, the three weights its views (pack_weights)
+        self.qkv: tuple[Tensor, Tensor | None] | None = None
 
     def forward(self, x: Tensor, step: _AttnStep) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if step.cos is not None:  # (B, heads, T, head_dim)
-            q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv is not None:  # one product, and q and k rotated together: fewer ops a step
+            qkv = F.linear(x, *self.qkv).view(B, T, H + 2 * H_kv, D).transpose(1, 2)
+            if step.cos is not None:
+                qk, v = qkv.split((H + H_kv, H_kv), dim=1)
+                q, k = apply_rope(qk, step.cos, step.sin).split((H, H_kv), dim=1)
+            else:
+                q, k, v = qkv.split((H, H_kv, H_kv), dim=1)
+        else:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)
+            k = self.k_proj(x).view(B, T, H_kv, D).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, H_kv, D).transpose(1, 2)
+            if step.cos is not None:  # (B, heads, T, head_dim)
+                q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         if step.cache is not None:
             k_all, v_all = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
             k_all.index_copy_(2, step.write_idx, k)
@@ -210,7 +221,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
         return _dropout(self.o_proj(y), self.dropout, self.training)
 
 
@@ -226,9 +237,13 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=bias)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=bias)
         self.dropout = config.dropout
+        self.gate_up: Tensor | None = None  # gate|up as one weight, like Attention.qkv
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gated:
+        if self.gated and self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.gated:
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")  # GPT-2's "gelu_new"
@@ -338,12 +353,8 @@ class Transformer(nn.Module):
             raise TinyLMError(
                 f"sequence of {end} tokens is longer than the model's context "
                 f"({config.max_seq_len})", "shorten the input")
-        if kv_cache is None:
-            key_idx = query_idx
-        elif end is not None and end > kv_cache.max_len:
+        if kv_cache is not None and end is not None and end > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} positions, {end} needed")
-        else:
-            key_idx = torch.arange(kv_cache.max_len if dynamic else end, device=device)
 
         full_mask = attention_mask is not None and attention_mask.dim() > 2
         padding = None if full_mask else attention_mask  # (B, L) of 1 / 0, or None
@@ -362,6 +373,8 @@ class Transformer(nn.Module):
         elif padding is None and T == 1 and not dynamic:
             mask, is_causal = None, False  # one new token that may see every cached one
         else:
+            key_idx = query_idx if kv_cache is None else torch.arange(
+                kv_cache.max_len if dynamic else end, device=device)
             mask, is_causal = _attention_mask(query_idx, key_idx, padding), False
 
         x = self.model.embed_tokens(input_ids)

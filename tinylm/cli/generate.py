@@ -43,6 +43,16 @@ def _sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                           tuple(stop or ()), seed)
 
 
+def _check_args(**texts: str | list[str] | None) -> None:
+    """Command-line text must be UTF-8: bytes the terminal could not decode are an error."""
+    from tinylm.textio import check_text
+
+    for name, value in texts.items():
+        for text in [value] if isinstance(value, str) else value or []:
+            what = "PROMPT" if name == "prompt" else f"--{name}"
+            check_text(text, what, "is the terminal's encoding UTF-8?")
+
+
 def _print_outputs(results: list[Generation], out: Output, n_prompts: int, samples: int) -> None:
     for i, gen in enumerate(results):
         p, s = divmod(i, samples)
@@ -84,6 +94,11 @@ def generate(
     truncate: Annotated[
         bool, typer.Option("--truncate", help="Cut prompts longer than the context from the left.")
     ] = False,
+    allow_special: Annotated[
+        bool, typer.Option("--allow-special", help="Read special-token spellings in plain "
+                           "prompts (<|endoftext|>, <|im_start|>) as control tokens; by default "
+                           "they are text.")
+    ] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoded together.")] = 8,
     compile: Annotated[
         bool, typer.Option("--compile", help="torch.compile the decode step (GPU).")
@@ -96,7 +111,8 @@ def generate(
     """Continue a prompt with a trained model, streaming the text as it comes.
 
     End of text and <|im_end|> always stop; --stop adds stop strings. Several prompts
-    (--prompts-file) and samples (--num-samples) are decoded in batches.
+    (--prompts-file) and samples (--num-samples) are decoded in batches. A prompt's
+    "<|endoftext|>" or "<|im_start|>" is plain text unless --allow-special is given.
 
     Examples:
 
@@ -105,12 +121,15 @@ def generate(
         tinylm generate --model runs/sft --chat "What is the capital of Zorbia?" -t 0
 
         tinylm generate --model runs/base --prompts-file prompts.jsonl --json --seed 1
+
+        tinylm generate --model runs/base --allow-special "<|endoftext|>Once upon a time"
     """
     from tinylm.chat import encode_chat
     from tinylm.generate import fit_prompt, load_for_generation, read_prompts
     from tinylm.generate import generate as run_generation
 
     out = output(quiet, json)
+    _check_args(prompt=prompt, system=system, stop=stop)
     config = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
     if (prompt is None) == (prompts_file is None):
         raise TinyLMError("give either a PROMPT or --prompts-file", "see tinylm generate --help")
@@ -118,6 +137,10 @@ def generate(
         raise TinyLMError("--num-samples and --batch-size must be at least 1")
     if system is not None and not chat:
         raise TinyLMError("--system applies to --chat prompts", "add --chat")
+    if allow_special and chat:
+        raise TinyLMError("--allow-special applies to plain prompts; chat messages are text",
+                          "drop --chat and write the template yourself, or drop --allow-special")
+    allowed = "all" if allow_special else frozenset()
     prompts = read_prompts(prompts_file) if prompts_file is not None else [prompt or ""]
     run = load_for_generation(model, device, no_merge)
     tok, context = run.tokenizer, run.model.config.max_seq_len
@@ -128,7 +151,7 @@ def generate(
             system_turn = [{"role": "system", "content": system}] if system is not None else []
             encoded = encode_chat(tok, [*system_turn, {"role": "user", "content": text}], True)
         else:  # an empty prompt starts a text from scratch
-            encoded = tok.encode(text, allowed_special="all") if text else [tok.eot_id]
+            encoded = tok.encode(text, allowed_special=allowed) if text else [tok.eot_id]
         ids.append(fit_prompt(encoded, context, max_new_tokens, truncate, what, out))
     rows = [i for i in ids for _ in range(num_samples)]
     texts = [t for t in prompts for _ in range(num_samples)]
@@ -153,6 +176,20 @@ def generate(
     n = sum(g.n_tokens for g in results)
     rate = sum(g.tokens_per_s for g in results) / len(results)
     out.info(f"{n} tokens, prefill {1000 * results[0].prefill_s:.0f} ms, {rate:.1f} tokens/s")
+
+
+def _read_line(out: Output) -> str | None:
+    """The next line of stdin without its line end, or None at its end. Read as bytes, so a
+    line that is not UTF-8 is skipped ("") with a warning instead of ending the session."""
+    stream = getattr(sys.stdin, "buffer", None)
+    raw = stream.readline() if stream is not None else sys.stdin.readline().encode()
+    if not raw:
+        return None
+    try:
+        return raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:
+        out.warn("that line is not valid UTF-8; it was skipped")
+        return ""
 
 
 @app.command("chat")
@@ -185,6 +222,7 @@ def chat_command(
     from tinylm.generate import load_for_generation
 
     out = output(quiet, False)
+    _check_args(system=system)
     config = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, None, seed)
     run = load_for_generation(model, device, no_merge)
     context = run.model.config.max_seq_len
@@ -198,10 +236,9 @@ def chat_command(
     while True:
         if interactive:
             sys.stderr.write("> ")
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        text = _read_line(out)
+        if text is None or text.strip() == "/exit":
             break
-        text = line.rstrip("\n")
         if text.strip() == "/reset":
             messages = list(start)
             out.info("(history cleared)")
