@@ -1,44 +1,69 @@
 """DPO benchmark: peak memory and step time of full DPO, --precompute-ref and LoRA DPO, on CPU.
 
-    .venv/bin/python bench/dpo.py                     # writes bench/results.md
-    .venv/bin/python bench/dpo.py --presets small --steps 4 --no-write
+    .venv/bin/python bench/dpo.py --threads 1          # ~3 min idle; writes bench/results.md
+    .venv/bin/python bench/dpo.py --presets small --steps 12 --warmup 2 --no-write
 
 Each configuration (preset x full / full with precompute_ref / LoRA) runs in a fresh subprocess
 through the library API (`tinylm.dpo.dpo`) on a random-init run of the preset (its vocabulary
 size, byte tokens), on synthetic preference pairs generated in-script. Memory and time are
-measured as in bench/finetune.py (ru_maxrss delta; mean logged step time after `--warmup`
-steps). With precompute_ref the reference pass over the training pairs happens before the
-first step, so it is in the memory but not in the step time. Printed: each row and the ratios
-against full DPO. TRL's DPOTrainer comparison is skipped with the printed reason.
+measured as in bench/finetune.py (ru_maxrss delta; mean step time after `--warmup` steps). With
+precompute_ref the reference pass over the training pairs happens before the first step, so it
+is in the memory but not in the step time. With trl installed, the small preset also goes
+through TRL's DPOTrainer on the exported model with the same pairs, batch, lengths, beta, loss
+and optimizer (a frozen reference copy on both sides): the ratio tinylm / TRL. Printed: each
+row and the ratios against full DPO.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune import (  # noqa: E402  (bench/finetune.py, the shared measuring code)
     RESULTS,
+    best_of,
     common_overrides,
     environment,
     make_base,
     parse,
     ratios,
-    run_config,
     sentence,
     table,
+    worker,
     write_section,
 )
+from trl_peer import (  # noqa: E402
+    BatchRecorder,
+    StepClock,
+    peer_lines,
+    rss_mb,
+    trl_args,
+    trl_specs,
+)
 
-TRL_SKIP = ("TRL DPOTrainer comparison skipped: not wired up within this bench's time budget "
-            "(trl 1.16's API on the exported model was not verified here); no TRL numbers "
-            "recorded")
-MODES = (("full", []), ("full, precompute_ref", ["precompute_ref=true"]),
-         ("LoRA", ["lora.enabled=true"]))
+TRL_SKIP = "TRL DPOTrainer comparison skipped: trl is not installed, no small preset, or --no-trl"
+MODES = (
+    ("full", []),
+    ("full, precompute_ref", ["precompute_ref=true"]),
+    ("LoRA", ["lora.enabled=true"]),
+)
+DPO_REMAINS = (
+    "what stays different with matched settings: TRL's fused LM head computes the policy's "
+    "log-probs in chunks plus per-token entropy, mean logit and top-1 accuracy for its metrics "
+    "(the reference pass only the log-probs); TRL passes the padding attention mask to SDPA "
+    "(tinylm right-pads and needs none) and feeds 129 ids per row, tinylm 128; TRL reloads the "
+    "reference from the exported directory, tinylm deep-copies the policy (both hold one "
+    "frozen float32 copy). With TRL's defaults (bf16 autocast on a CPU without bf16 "
+    "instructions, gradient checkpointing) TRL's step is several times slower, as in the "
+    "finetune section; `--trl-defaults` measures it."
+)
 
 
 def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
@@ -46,37 +71,173 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with path.open("w", encoding="utf-8") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": sentence(rng, 12) + "?",
-                                "chosen": sentence(rng, 20) + ".",
-                                "rejected": sentence(rng, 20) + "!"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": sentence(rng, 12) + "?",
+                        "chosen": sentence(rng, 20) + ".",
+                        "rejected": sentence(rng, 20) + "!",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
+def conversational(path: str) -> list[dict[str, Any]]:
+    """The pairs as TRL's conversational rows: tinylm renders string pairs with the chat
+    template (the prompt as the user's turn), so TRL gets the same text as messages."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in rows
+    ]
+
+
+def same_pairs(spec: dict[str, Any], dataset: Any) -> str:
+    """How many sides TRL tokenizes (then truncates to max_length) exactly as tinylm, with the
+    same trained-on positions."""
+    from tinylm.sft import encode_pairs, read_preference_pairs
+    from tinylm.tokenizer import Tokenizer
+
+    seq = spec["trl"]["seq"]
+    tok = Tokenizer.load(Path(spec["work"]) / f"base-{spec['preset']}")
+    ours, _ = encode_pairs(tok, read_preference_pairs(spec["data"]), seq)
+    ids = masks = 0
+    for pair, row in zip(ours, dataset, strict=True):
+        for side, key in zip(pair, ("chosen_ids", "rejected_ids"), strict=True):
+            theirs = (row["prompt_ids"] + row[key])[: seq + 1]
+            mask = ([False] * len(row["prompt_ids"]) + [True] * len(row[key]))[: seq + 1]
+            ids += side.input_ids == theirs
+            masks += list(side.loss_mask) == mask
+    n = 2 * len(ours)
+    return f"{ids}/{n} sides same ids, {masks}/{n} same trained-on positions"
+
+
+def trl_dpo_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """TRL's DPOTrainer on the exported base run: the same pairs, batch, lengths and steps; a
+    frozen reference copy (TRL loads one when given no ref_model), as tinylm's full DPO."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(spec["threads"])
+    work, t = Path(spec["work"]), spec["trl"]
+    hf_dir = work / f"hf-{spec['preset']}"  # exported by trl_specs
+    before = rss_mb()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    config = DPOConfig(
+        **{**trl_args(t, work / "trl-out"), **t.get("config", {})},
+        beta=0.1,
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=False,
+        max_length=t["seq"] + 1,
+        disable_dropout=True,
+    )
+    recorder, clock = BatchRecorder(), StepClock()
+    trainer = recorder.trainer_class(DPOTrainer)(
+        model=model,
+        ref_model=None,
+        args=config,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(conversational(spec["data"])),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - start
+    rows = list(trainer.train_dataset)
+    targets = [
+        min(len(r[k]), t["seq"] + 1 - len(r["prompt_ids"]))
+        for r in rows
+        for k in ("chosen_ids", "rejected_ids")
+    ]
+    return {
+        "peak_mb": rss_mb(),
+        "delta_mb": rss_mb() - before,
+        "total_s": total,
+        **clock.result(spec["warmup"]),
+        **recorder.result(spec["warmup"]),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "targets_per_example": sum(targets) / len(targets),
+        "same_data": same_pairs(spec, rows),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def dpo_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in this process: TRL's side here, tinylm's in bench/finetune.py."""
+    if spec["stage"] == "trl-dpo":
+        return trl_dpo_worker(spec)
+    result = worker(spec)
+    run = json.loads((Path(spec["work"]) / f"run-{spec['name']}" / "config.json").read_text())
+    counts = run["data"]["train"]  # pairs: target tokens per side
+    return {**result, "targets_per_example": counts["target_tokens"] / max(2 * counts["kept"], 1)}
+
+
 def main() -> None:
-    args = parse(__doc__.splitlines()[0]).parse_args()
+    parser = parse(__doc__.splitlines()[0])
+    parser.set_defaults(steps=3, warmup=1, trl_defaults=False)  # ~3 min on an idle machine
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(dpo_worker(json.loads(args.worker))))
+        return
+    started = time.perf_counter()
     rows, params = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        data = write_pairs(work / "pairs.jsonl", 32)
+        # enough pairs for every step (precompute_ref scores all of them before training)
+        data = write_pairs(work / "pairs.jsonl", max(8, args.steps * args.batch))
+        common = {
+            "work": str(work),
+            "data": str(data),
+            "threads": args.threads,
+            "warmup": args.warmup,
+        }
         for preset in args.presets:
             params[preset] = make_base(preset, work / f"base-{preset}", args.seq)
-            for mode, extra in MODES:
-                spec = {"stage": "dpo", "preset": preset, "mode": mode,
-                        "name": f"{preset}-{mode.replace(', ', '-')}", "work": str(work),
-                        "data": str(data), "threads": args.threads, "warmup": args.warmup,
-                        "overrides": common_overrides(args) + extra}
-                rows.append(run_config(spec))
-                print(table(rows[-1:], params)[-1], flush=True)
+            specs = [
+                {
+                    **common,
+                    "stage": "dpo",
+                    "preset": preset,
+                    "mode": mode,
+                    "name": f"{preset}-{mode.replace(', ', '-')}",
+                    "overrides": common_overrides(args) + extra,
+                }
+                for mode, extra in MODES
+            ]
+            if preset == "small" and not args.no_trl and importlib.util.find_spec("trl"):
+                specs += trl_specs(args, common, "trl-dpo", 5e-5)  # tinylm's full DPO lr
+            rows += best_of(specs, args.repeats, __file__)
+            print("\n".join(table(rows[-len(specs) :], params)[2:]), flush=True)
     command = "python bench/dpo.py " + " ".join(sys.argv[1:])
     lines = ratios(rows, "full") + [""] + environment(command.strip(), args.threads)
-    lines += [f"Setup: random-init runs of each preset (the preset's vocabulary, byte tokens), "
-              f"{args.batch} synthetic preference pairs per step in one micro-batch, at most "
-              f"{args.seq} tokens per side, sigmoid loss, beta 0.1, {args.steps} steps of which "
-              f"the first {args.warmup} are not timed; each configuration in a fresh process. "
-              "RSS delta: peak RSS minus the RSS after importing torch, before loading the base "
-              "run (full DPO holds a second copy of the model as reference; precompute_ref and "
-              "LoRA do not).", ""]
-    lines += table(rows, params) + ["", TRL_SKIP]
+    lines += [
+        f"Setup: random-init runs of each preset (the preset's vocabulary, byte tokens), "
+        f"{args.batch} synthetic preference pairs per step in one micro-batch (chosen and "
+        f"rejected in one forward), at most {args.seq} next-token positions per side, "
+        f"sigmoid loss, beta 0.1, {args.steps} steps of which the first {args.warmup} "
+        "are not timed (CPU and wall time from one optimizer step's end to the next, as in "
+        "the finetune section); each "
+        "configuration in a fresh process. RSS delta: peak RSS minus the RSS after "
+        "importing the libraries, before loading the model (full DPO holds a second copy "
+        "of the model as reference; precompute_ref and LoRA do not). TRL: DPOTrainer on "
+        "the exported model, the same pairs as conversational rows, max_length = "
+        "positions + 1, precompute_ref_log_probs off, lr 5e-5 as tinylm, the "
+        "TrainingArguments of the finetune section (float32, no gradient checkpointing, "
+        "torch.optim.AdamW "
+        f"with tinylm's betas and clipping). Bench wall time "
+        f"{time.perf_counter() - started:.0f} s.",
+        "",
+    ]
+    lines += table(rows, params) + [""]
+    lines += peer_lines(rows, "trl-dpo", "full", "DPOTrainer", DPO_REMAINS) or [TRL_SKIP]
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
