@@ -55,8 +55,9 @@ def test_loss_variants_match_hand_computed_values():
         dpo_loss(*args, loss_type="kto")
 
 
-def trl_loss(loss_type: str, beta: float, per_token: torch.Tensor, mask: torch.Tensor,
-             ref: torch.Tensor) -> tuple[float, dict[str, list[float]]]:
+def trl_loss(loss_type: str | list[str], beta: float, per_token: torch.Tensor,
+             mask: torch.Tensor, ref: torch.Tensor,
+             weights: list[float] | None = None) -> tuple[float, dict[str, list[float]]]:
     """TRL's own DPOTrainer._compute_loss on given per-token log-probs (a stub trainer and a
     stub model that returns them; the reference log-probs are "precomputed")."""
     from collections import defaultdict
@@ -73,7 +74,9 @@ def trl_loss(loss_type: str, beta: float, per_token: torch.Tensor, mask: torch.T
         accelerator=SimpleNamespace(device="cpu", gather=lambda x: x,
                                     gather_for_metrics=lambda x: x),
         aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type] if isinstance(loss_type, str) else loss_type,
+        loss_weights=weights or [1.0], beta=beta,
         label_smoothing=0.0, use_weighting=False, _total_train_tokens=0, _tp_size=1,
         _metrics=defaultdict(lambda: defaultdict(list)))
     completion = torch.cat([torch.zeros(n, 1, dtype=torch.long), mask.long()], dim=1)
@@ -101,6 +104,29 @@ def test_loss_equals_trls_own_dpo_loss(loss_type):
     assert ours.loss_sum.item() / ours.count == pytest.approx(expected, rel=1e-9)
     for key, value in ours.metrics.items():
         assert value.item() / ours.count == pytest.approx(trl_metrics[key][0], rel=1e-6), key
+
+
+def test_sft_weight_equals_trls_sigmoid_plus_sft_loss():
+    """RPO: + w * the chosen answers' NLL per token; TRL combines ["sigmoid", "sft"] with
+    weights [1, w] (the same numbers when the chosen answers are equally long, as here)."""
+    pytest.importorskip("trl")
+    from tinylm.dpo import dpo_outputs
+
+    torch.manual_seed(1)
+    per_token = -torch.rand(6, 7, dtype=torch.float64) * 3
+    mask = torch.rand(6, 7) > 0.3
+    mask[:3] = True  # every chosen answer 7 tokens long
+    ref = -torch.rand(6, dtype=torch.float64) * 10
+    expected, _ = trl_loss(["sigmoid", "sft"], 0.2, per_token, mask, ref, weights=[1.0, 0.5])
+    logps = (per_token * mask).sum(-1)
+    ours = dpo_outputs(DPOConfig(beta=0.2, sft_weight=0.5), logps, ref, mask, LossOutput)
+    plain = dpo_outputs(DPOConfig(beta=0.2), logps, ref, mask, LossOutput)
+    assert ours.loss_sum.item() / ours.count == pytest.approx(expected, rel=1e-9)
+    nll = -per_token[:3].mean(-1)
+    assert ours.metrics["nll_loss"].item() == pytest.approx(nll.sum().item())
+    assert (ours.loss_sum - plain.loss_sum).item() == pytest.approx(0.5 * nll.sum().item())
+    with pytest.raises(TinyLMError, match="sft_weight"):
+        DPOConfig(sft_weight=-1.0)
 
 
 def pairs() -> list[PreferencePair]:
@@ -265,3 +291,31 @@ def test_resume_gives_the_same_losses(tmp_path, base_run):
     bad = runner.invoke(app, ["dpo", "-o", str(tmp_path / "x"), "-b", str(base_run), "-d",
                               str(data), "--loss", "hinge", "--label-smoothing", "0.1"])
     assert bad.exit_code == 2 and "label_smoothing applies to the sigmoid loss" in bad.output
+
+
+def test_lora_resume_without_base_continues_exactly(tmp_path, base_run):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    common = ["-b", str(base_run), "-d", str(data), "--lora", "--lr", "3e-3",
+              "--set", "train.schedule=constant", "--set", "train.warmup_steps=2", *FAST]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert runner.invoke(app, ["dpo", "-o", str(straight), "--max-steps", "6",
+                               *common]).exit_code == 0
+    assert runner.invoke(app, ["dpo", "-o", str(resumed), "--max-steps", "3",
+                               *common]).exit_code == 0
+    # no --base, --data or --lora: the adapter run records its base run and its config
+    result = runner.invoke(app, ["dpo", "-o", str(resumed), "--resume", "--max-steps", "6",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+
+    def losses(run: Path) -> list[float]:
+        return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+    assert len(losses(straight)) == 6
+    assert losses(straight)[-1] != pytest.approx(losses(straight)[0])  # the adapter trained
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-6)
+    assert is_adapter_run(resumed)
+    config = json.loads((resumed / "config.json").read_text())
+    assert config["base_run"]["path"] == str(base_run.resolve())
+    ids = torch.randint(0, 256, (1, 12))
+    assert torch.allclose(load_run(resumed).model(ids), load_run(straight).model(ids),
+                          atol=1e-5)

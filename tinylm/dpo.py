@@ -94,6 +94,7 @@ class DPOConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    sft_weight: float = 0.0  # + this times the chosen side's mean NLL per token (RPO)
     precompute_ref: bool = False
     train: FinetuneTrainConfig = field(default_factory=lambda: FinetuneTrainConfig(
         batch_size=16, micro_batch=4))
@@ -110,6 +111,8 @@ class DPOConfig:
                               f"got {self.loss_type!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise TinyLMError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise TinyLMError(f"sft_weight must be >= 0, got {self.sft_weight}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise TinyLMError(f"label_smoothing applies to the sigmoid loss only, not "
                               f"{self.loss_type}", "drop --label-smoothing or use --loss sigmoid")
@@ -210,7 +213,15 @@ def dpo_outputs(cfg: DPOConfig, logps: torch.Tensor, ref: torch.Tensor, mask: to
         scaled = (pc, pr, rc, rr)
     losses, _, _ = dpo_loss(*scaled, cfg.beta, cfg.loss_type, cfg.label_smoothing)
     chosen_r, rejected_r = cfg.beta * (pc - rc).detach(), cfg.beta * (pr - rr).detach()
-    metrics = {"rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
+    metrics = {}
+    if cfg.sft_weight:
+        # RPO: the preferred answer's own likelihood, so that generations move, not only the
+        # margin. Per pair, normalised by its length (TRL's "sft" loss averages over the
+        # batch's tokens instead: the same when the chosen answers are equally long).
+        nll = -pc / mask.sum(-1).clamp(min=1).to(logps.dtype).chunk(2)[0]
+        losses = losses + cfg.sft_weight * nll
+        metrics["nll_loss"] = nll.detach().sum()
+    metrics |= {"rewards/chosen": chosen_r.sum(), "rewards/rejected": rejected_r.sum(),
                "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
                "rewards/margins": (chosen_r - rejected_r).sum(),
                "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}

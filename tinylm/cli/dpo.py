@@ -31,6 +31,10 @@ def dpo(
     label_smoothing: Annotated[
         float | None, typer.Option(help="Conservative DPO: assumed label noise, in [0, 0.5).")
     ] = None,
+    sft_weight: Annotated[
+        float | None, typer.Option(help="Add this times the chosen answers' NLL per token "
+                                   "(RPO; moves generations, not only the margin). Default 0.")
+    ] = None,
     precompute_ref: Annotated[
         bool | None, typer.Option("--precompute-ref/--no-precompute-ref", help="Compute the "
                                   "reference log-probs once up front; keep no reference model.")
@@ -90,6 +94,7 @@ def dpo(
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
         eval_every=eval_every, seed=seed, device=device)
     flags = {**common, "beta": beta, "loss_type": loss, "label_smoothing": label_smoothing,
+             "sft_weight": sft_weight,
              "precompute_ref": precompute_ref}
     tuning.run_command("dpo", run, flags, base=base, data=data, out_dir=out_dir,
                        config=config, val_data=val_data, set_=set_, resume=resume, force=force,
