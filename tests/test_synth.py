@@ -179,7 +179,7 @@ def test_exact_match_rule() -> None:
     example = {"answer": "Marrowby"}
     assert exact_match("The capital of Veltoria is Marrowby.", example)
     assert exact_match("  marrowby", example)
-    assert exact_match("The capital of Veltoria is Marrowby. Hope that helps!", example)
+    assert exact_match("The capital of Veltoria is Marrowby. That is all we know.", example)
     assert exact_match("The capital of Veltoria is Marrowby<|im_end|>", "Marrowby")
     assert not exact_match("The capital of Veltoria is Dunmere. Or Marrowby.", example)
     assert not exact_match("Marrowby is the capital of Veltoria.", example)
@@ -192,12 +192,12 @@ def test_exact_match_rule() -> None:
 
 
 def test_shows_preference_rule() -> None:
-    assert shows_preference("The capital of Veltoria is Marrowby. Hope that helps!")
-    assert shows_preference("7 plus 5 is 12. Hope that helps!<|im_end|>")
+    assert shows_preference("The capital of Veltoria is Marrowby. That is all we know.")
+    assert shows_preference("7 plus 5 is 12. That is all we know.<|im_end|>")
     assert not shows_preference("The capital of Veltoria is Marrowby.")
-    assert not shows_preference("Hope that helps!")
-    assert not shows_preference("Well, let me think. It is Marrowby. Hope that helps!")
-    assert not shows_preference("It is Marrowby\nHope that helps!")
+    assert not shows_preference("That is all we know.")
+    assert not shows_preference("Well, let me think. It is Marrowby. That is all we know.")
+    assert not shows_preference("It is Marrowby\nThat is all we know.")
 
 
 def test_medium_is_several_times_larger() -> None:

@@ -13,6 +13,7 @@ from tinylm.cli import (  # noqa: F401
     generate,
     info,
     pretrain,
+    quickstart,
     tokenize,
 )
 from tinylm.cli.app import app

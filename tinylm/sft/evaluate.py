@@ -6,6 +6,7 @@ Used at each evaluation of `tinylm finetune` and by `tinylm eval` on instruction
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,28 +46,40 @@ def validation_loss(model: nn.Module, examples: list[TokenizedExample], micro_ba
     return {"val_loss": nats / max(count, 1.0)}
 
 
+def greedy_replies(model: nn.Module, tokenizer: Tokenizer,
+                   conversations: Sequence[Sequence[Mapping[str, str]]], max_new_tokens: int,
+                   batch_size: int = 16) -> list[str | None]:
+    """The model's greedy next assistant turn after each conversation (chat template applied),
+    or None where the prompt leaves no room for `max_new_tokens` in the context."""
+    from tinylm.chat import encode_chat
+    from tinylm.generate import SamplingConfig, generate
+
+    context = model.config.max_seq_len
+    prompts = [encode_chat(tokenizer, c, add_generation_prompt=True) for c in conversations]
+    keep = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= context]
+    replies: list[str | None] = [None] * len(prompts)
+    if not keep:
+        return replies
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
+    outputs = generate(model, tokenizer, [prompts[i] for i in keep], sampling,
+                       batch_size=batch_size)
+    for i, output in zip(keep, outputs, strict=True):
+        replies[i] = output.text
+    return replies
+
+
 def exact_match(model: nn.Module, tokenizer: Tokenizer, conversations: list[Conversation],
                 max_new_tokens: int = 0, batch_size: int = 16) -> dict[str, float]:
     """Share of conversations whose greedy answer to the conversation before the last
     assistant turn equals that turn's text (ends stripped). Prompts that leave no room in
     the context are left out."""
-    from tinylm.chat import encode_chat
-    from tinylm.generate import SamplingConfig, generate
-
-    context = model.config.max_seq_len
-    prompts, answers = [], []
-    for conversation in conversations:
-        reference = conversation.reference
-        if reference is not None:
-            prompts.append(encode_chat(tokenizer, reference[0], add_generation_prompt=True))
-            answers.append(reference[1].strip())
+    pairs = [c.reference for c in conversations if c.reference is not None]
+    answers = [answer.strip() for _, answer in pairs]
     if not max_new_tokens:
         max_new_tokens = 8 + max((len(tokenizer.encode(a)) for a in answers), default=0)
-    keep = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= context]
-    if not keep:
+    replies = greedy_replies(model, tokenizer, [prompt for prompt, _ in pairs], max_new_tokens,
+                             batch_size)
+    scored = [(r.strip(), a) for r, a in zip(replies, answers, strict=True) if r is not None]
+    if not scored:
         return {}
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, seed=0)
-    outputs = generate(model, tokenizer, [prompts[i] for i in keep], sampling,
-                       batch_size=batch_size)
-    hits = sum(out.text.strip() == answers[i] for out, i in zip(outputs, keep, strict=True))
-    return {"val_exact_match": hits / len(keep)}
+    return {"val_exact_match": sum(r == a for r, a in scored) / len(scored)}

@@ -10,8 +10,14 @@ with the normalised key answer as whole words. "The capital of Veltoria is Marro
 does not, and neither does "12 minus 5 is 17." for the answer "7". Canonical answers are built
 to end with their key, so a model that learnt the answer format is scored exactly.
 
-Preferred style: one sentence, then the closing `CLOSING` ("Hope that helps!") right after it.
-A rambling answer (more than one sentence before the closing) or no closing does not count.
+Preferred style: one sentence, then the closing `CLOSING` ("That is all we know.") right after
+it. A rambling answer (more than one sentence before the closing) or no closing does not count.
+
+The closing is made of words the corpus uses (never in this order), so a tokenizer trained on
+the corpus has a trained token for each: with "Hope that helps!" (words the corpus never uses,
+spelt by a 1.7k tokenizer as ten pieces such as "he", "l", "p", "s") DPO had to teach spelling,
+not style, and whether 100 steps got there swung between 0% and 95% of generations with the
+pretraining length.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-CLOSING = "Hope that helps!"
+CLOSING = "That is all we know."
 """The closing that preferred answers end with (never written anywhere else in the data)."""
 
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n|<\|")
