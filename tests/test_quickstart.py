@@ -48,6 +48,21 @@ def test_refuses_a_non_empty_directory_without_force(tmp_path: Path):
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda"])
+def test_a_device_that_is_not_there_fails_before_anything_is_written(tmp_path: Path, device: str):
+    if device == "cuda":
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    out = tmp_path / "qs"
+    result = CliRunner().invoke(app, ["quickstart", "-o", str(out), "--fast", "--device", device])
+    assert result.exit_code == 2
+    assert "--device" in result.output
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("qs") / "qs"

@@ -89,12 +89,14 @@ STAGES = ("data", "tokenizer", "pretrain", "sft", "lora", "dpo")
 
 
 def choose_plan(fast: bool, device: str) -> Plan:
-    """The fast plan when asked; the GPU plan on CUDA; the default plan otherwise."""
+    """The fast plan when asked; the GPU plan on CUDA; the default plan otherwise. A device that
+    is not there is an error here, before anything is written."""
     from tinylm.train.distributed import resolve_device
 
+    on_cuda = resolve_device(device).type == "cuda"
     if fast:
         return PLANS["fast"]
-    return PLANS["cuda"] if resolve_device(device).type == "cuda" else PLANS["default"]
+    return PLANS["cuda"] if on_cuda else PLANS["default"]
 
 
 def unigram_bpb(tokenizer: Any, text: str) -> float:
@@ -155,8 +157,8 @@ def run_quickstart(out_dir: str | Path, *, fast: bool = False, device: str = "au
     from tinylm.tokenizer import Tokenizer
     from tinylm.train.report import read_metrics
 
-    root = check_output_dir(out_dir, force)
     plan = choose_plan(fast, device)
+    root = check_output_dir(out_dir, force)
     clock = Stopwatch()
     stage_out = Output(quiet=True) if out.json else out
     wall: dict[str, float] = {}

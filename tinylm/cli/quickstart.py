@@ -19,7 +19,7 @@ def quickstart(
         bool, typer.Option("--fast", help="About 2 minutes on a CPU: fewer steps, smaller vocab.")
     ] = False,
     device: Annotated[
-        str, typer.Option(help="auto (cuda when present: larger presets), cpu, cuda, mps.")
+        str, typer.Option(help="auto (cuda when present: larger presets), cpu or cuda.")
     ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the world and of every stage.")] = 0,
     force: Force = False,
