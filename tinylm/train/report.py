@@ -80,7 +80,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> No
     if val:
         ax.plot([s for s, _ in val], [v for _, v in val], label="val loss", marker="o")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("loss")  # nats per token, except DPO: per pair
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
