@@ -63,6 +63,11 @@ def _main(
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
 Json = Annotated[bool, typer.Option("--json", help="Print results as JSON lines on stdout.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key: KEY=VALUE, e.g. train.lr=1e-3 "
+                 "(repeatable)."),
+]
 
 
 def output(quiet: bool, json: bool) -> Output:

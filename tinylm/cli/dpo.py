@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tinylm.cli import tuning
-from tinylm.cli.app import Force, Json, Quiet, app
+from tinylm.cli.app import Force, Json, Overrides, Quiet, app
 
 
 @app.command()
@@ -60,10 +60,7 @@ def dpo(
     seed: tuning.Seed = None,
     device: tuning.Device = None,
     resume: tuning.Resume = False,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE, "
-                                       "e.g. train.micro_batch=2 (repeatable).")
-    ] = None,
+    set_: Overrides = None,
     force: Force = False,
     quiet: Quiet = False,
     json: Json = False,

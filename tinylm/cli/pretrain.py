@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tinylm.cli.app import Force, Json, Quiet, app, output
+from tinylm.cli.app import Force, Json, Overrides, Quiet, app, output
 
 Files = Annotated[
     list[str] | None,
@@ -53,10 +53,7 @@ def pretrain(
                            "(<|endoftext|> between documents) as control tokens; by default "
                            "they are plain text.")
     ] = False,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config key: KEY=VALUE, "
-                                       "e.g. train.lr=3e-3 (repeatable).")
-    ] = None,
+    set_: Overrides = None,
     force: Force = False,
     quiet: Quiet = False,
     json: Json = False,
