@@ -14,7 +14,9 @@ default cache), the tokens are checked equal, and the ratio of the median end-to
 printed (target: tinylm >= 1.5x), with the spread of the repeat-by-repeat ratios and the ratio
 of median CPU times (process time, which other processes on a shared machine disturb less).
 Each setting runs `--repeats` times after a warm-up, the two libraries alternating, so that the
-machine's load falls on both alike. Results go to the generate section of bench/results.md.
+machine's load falls on both alike; the whole runs once per `--threads` count (default: one
+thread per core, torch's default, then one thread). CPU time is the process's, all threads
+together. Results go to the generate section of bench/results.md.
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ START, END = "<!-- generate:start -->", "<!-- generate:end -->"
 PROMPT_TOKENS = 64
 NOTE = """At batch 1 on a CPU a decode step of either library mostly streams the weights from \
 memory (gpt2-124m: 500 MB a token in float32). tinylm's step is the bare forward with a \
-preallocated cache, over weights `pack_weights` laid out for matrix-vector products (q|k|v and \
-gate|up fused, the wide ones and the head stored input-major); transformers adds its cache \
-objects (concatenated every step), mask building and logits processors."""
+preallocated cache, over weights `pack_weights` stored input-major (q|k|v and gate|up fused), \
+which lets `model.linear` split each product over the threads (torch runs a one-row product on \
+one thread); transformers runs nn.Linear's layout on one thread and adds its cache objects, mask \
+building and logits processors. With one thread only the layout and the leaner step remain. \
+The machine is shared: ratios move with other processes' load (memory bandwidth is shared too); \
+the spread of the repeat-by-repeat ratios shows how much."""
 
 
 def prompt_texts(n: int) -> list[str]:
@@ -155,8 +160,8 @@ def load_average() -> str:
 
 
 def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads")
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def write_results(section: str) -> None:
@@ -178,54 +183,55 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default: torch's choice, one per core)")
+    parser.add_argument("--threads", default="0,1",
+                        help="torch CPU thread counts to run, 0 = one per core (torch's default)")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     parser.add_argument("--no-write", action="store_true", help="do not update results.md")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from tinylm.generate import pack_weights
     from tinylm.model import param_breakdown
 
     load_before = load_average()
-    rows = ["| preset | params | batch | prefill (64 tok) ms | decode tok/s (all rows) | "
-            "end-to-end s |", "|---|---:|---:|---:|---:|---:|"]
+    rows = ["| preset | params | threads | batch | prefill (64 tok) ms | decode tok/s (all rows) | "
+            "end-to-end s |", "|---|---:|---:|---:|---:|---:|---:|"]
     notes = []
-    for preset in args.presets.split(","):
-        model = build(preset)
-        tok = FullVocab(model.config.vocab_size)
-        params = param_breakdown(model.config)["total"]
-        theirs = None if args.no_hf else transformers_runner(model, tok, args.new_tokens)
-        start = time.perf_counter()
-        pack_weights(model)
-        notes.append(f"- {preset}: `pack_weights` (once, at load) "
-                     f"{1000 * (time.perf_counter() - start):.0f} ms")
-        for batch in (int(b) for b in args.batches.split(",")):
-            ours = tinylm_runner(model, tok, batch, args.new_tokens)
-            our_runs, their_runs = [], []
-            for _ in range(args.repeats):  # alternate, so both see the same machine load
-                our_runs.append(ours())
-                if theirs is not None and batch == 1:
-                    their_runs.append(theirs())
-            r = median_run(our_runs)
-            decode_tok_s = batch * args.new_tokens / r["decode_s"]
-            line = (f"| {preset} | {params / 1e6:.1f}M | {batch} | {1000 * r['prefill_s']:.1f} | "
-                    f"{decode_tok_s:.1f} | {r['total_s']:.2f} |")
-            rows.append(line)
-            print(line, flush=True)
-            if their_runs:
-                notes.append(compare(preset, args.new_tokens, our_runs, their_runs))
-                print(notes[-1], flush=True)
+    for threads in (int(t) or os.cpu_count() or 1 for t in args.threads.split(",")):
+        torch.set_num_threads(threads)  # before packing: the layout depends on it
+        for preset in args.presets.split(","):
+            model = build(preset)
+            tok = FullVocab(model.config.vocab_size)
+            params = param_breakdown(model.config)["total"]
+            theirs = None if args.no_hf else transformers_runner(model, tok, args.new_tokens)
+            start = time.perf_counter()
+            pack_weights(model)
+            notes.append(f"- {preset}, {threads} threads: `pack_weights` (once, at load) "
+                         f"{1000 * (time.perf_counter() - start):.0f} ms")
+            for batch in (int(b) for b in args.batches.split(",")):
+                ours = tinylm_runner(model, tok, batch, args.new_tokens)
+                our_runs, their_runs = [], []
+                for _ in range(args.repeats):  # alternate, so both see the same machine load
+                    our_runs.append(ours())
+                    if theirs is not None and batch == 1:
+                        their_runs.append(theirs())
+                r = median_run(our_runs)
+                decode_tok_s = batch * args.new_tokens / r["decode_s"]
+                line = (f"| {preset} | {params / 1e6:.1f}M | {threads} | {batch} | "
+                        f"{1000 * r['prefill_s']:.1f} | {decode_tok_s:.1f} | {r['total_s']:.2f} |")
+                rows.append(line)
+                print(line, flush=True)
+                if their_runs:
+                    notes.append(compare(f"{preset}, {threads} threads", args.new_tokens,
+                                         our_runs, their_runs))
+                    print(notes[-1], flush=True)
+            del model, theirs
     import transformers
 
-    threads = f" --threads {args.threads}" if args.threads else ""
     section = "\n".join([
         f"`.venv/bin/python bench/generate.py --presets {args.presets} --batches {args.batches} "
-        f"--new-tokens {args.new_tokens}{threads}` on {datetime.date.today()}, CPU only "
-        f"(no GPU lent), float32, greedy, random-init weights, median of {args.repeats} "
-        "(tinylm and transformers runs alternate).",
+        f"--new-tokens {args.new_tokens} --threads {args.threads} --repeats {args.repeats}` on "
+        f"{datetime.date.today()}, CPU only (no GPU lent), float32, greedy, random-init weights, "
+        f"median of {args.repeats} (tinylm and transformers runs alternate).",
         f"Machine: {machine()}; load average (1, 5, 15 min) {load_before} before, "
         f"{load_average()} after; transformers {transformers.__version__}, "
         f"Python {sys.version.split()[0]}.",

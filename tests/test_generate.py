@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
@@ -18,6 +19,7 @@ from tinylm.chat import encode_chat, fit_history, render_chat
 from tinylm.cli.app import app
 from tinylm.errors import TinyLMError
 from tinylm.generate import (
+    InputMajorLinear,
     SamplingConfig,
     TextStream,
     apply_repetition_penalty,
@@ -27,7 +29,7 @@ from tinylm.generate import (
     top_k_filter,
     top_p_filter,
 )
-from tinylm.model import ModelConfig, Transformer
+from tinylm.model import ModelConfig, Transformer, linear
 from tinylm.tokenizer import Tokenizer
 
 runner = CliRunner()
@@ -99,6 +101,67 @@ def test_pack_weights_changes_the_layout_not_the_results(family: str, kw: dict,
     before, after = model.state_dict(), packed.state_dict()
     assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
     check_cached_decoding(packed, model, tok)
+
+
+@pytest.fixture
+def threads():
+    """Set torch's thread count inside a test (the suite runs on one); restored after."""
+    previous = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3, 4, 6])
+@pytest.mark.parametrize("d_in", [24, 32])
+def test_linear_splits_few_rows_over_threads(n_threads: int, d_in: int, threads,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    threads(n_threads)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(a[1].shape) or bmm(*a))
+    torch.manual_seed(0)
+    weight = torch.randn(40, d_in)
+    stored = weight.t().contiguous().t()  # input-major, as pack_weights leaves it
+    bias = torch.randn(40)
+    for shape in [(1, d_in), (1, 1, d_in), (3, 5, d_in), (32, d_in), (33, d_in), (4, 9, d_in)]:
+        x = torch.randn(shape)
+        for b in (bias, None):
+            calls.clear()
+            got = linear(x, stored, b)
+            torch.testing.assert_close(got, F.linear(x, weight, b), atol=1e-5, rtol=1e-5)
+            rows = x.numel() // d_in
+            splits = math.gcd(n_threads, d_in)  # 32 on 3 threads: none
+            expected = [(splits, d_in // splits, 40)] if rows <= 32 and splits > 1 else []
+            assert calls == expected, shape
+            calls.clear()
+            linear(x, weight, b)  # stored output-major: never split
+            assert calls == []
+    threads(1)
+    linear(torch.randn(1, d_in), stored)
+    assert calls == []
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_decoding_over_threads_equals_full_forward(family: str, tok: Tokenizer,
+                                                          threads) -> None:
+    """With several threads pack_weights makes every projection input-major and decoding runs
+    the split products; the logits still match the plain model's full forward."""
+    model = tiny_model(family)
+    packed = copy.deepcopy(model)
+    threads(2)
+    pack_weights(packed)
+    layer = packed.model.layers[0]
+    assert type(layer.mlp.down_proj) is InputMajorLinear
+    assert layer.mlp.down_proj.weight.stride(0) == 1
+    check_cached_decoding(packed, model, tok)
+
+
+def test_pack_weights_keeps_narrowing_weights_on_one_thread() -> None:
+    packed = tiny_model("gpt2")
+    pack_weights(packed)  # the suite runs on one thread
+    mlp = packed.model.layers[0].mlp
+    assert type(mlp.down_proj) is nn.Linear and mlp.down_proj.weight.is_contiguous()
+    assert type(mlp.up_proj) is InputMajorLinear
 
 
 def test_pack_weights_leaves_unmerged_lora_layers(tok: Tokenizer) -> None:

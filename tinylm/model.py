@@ -197,7 +197,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv is not None:  # one product, and q and k rotated together: fewer ops a step
-            qkv = F.linear(x, *self.qkv).view(B, T, H + 2 * H_kv, D).transpose(1, 2)
+            qkv = linear(x, *self.qkv).view(B, T, H + 2 * H_kv, D).transpose(1, 2)
             if step.cos is not None:
                 qk, v = qkv.split((H + H_kv, H_kv), dim=1)
                 q, k = apply_rope(qk, step.cos, step.sin).split((H, H_kv), dim=1)
@@ -241,13 +241,37 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated and self.gate_up is not None:
-            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.gated:
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")  # GPT-2's "gelu_new"
         return _dropout(self.down_proj(h), self.dropout, self.training)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`, with a faster way for decoding on a CPU.
+
+    A decode step multiplies a few rows by every weight, so its time is the time to stream the
+    weights from memory, and torch computes such a product on one thread. When `weight` is stored
+    input-major (`weight.t()` contiguous, as `generate.pack_weights` lays it out) and torch has
+    several threads, the input dimension is cut into slices (as many as the greatest common
+    divisor of the thread count and the input size), whose products run as one batched product,
+    its batch spread over the threads, each streaming its own rows of the weight, and are summed.
+    Same result up to float rounding. Measured on 2 cores: gpt2-124m decodes 1.2x faster (small
+    1.15x); no gain beyond 32 rows, and none on one thread (where this is plain `F.linear`).
+    """
+    d_in = x.shape[-1]
+    splits = math.gcd(torch.get_num_threads(), d_in)  # one slice per thread, if d_in allows
+    rows = x.numel() // d_in if d_in else 0
+    if splits == 1 or not 0 < rows <= 32 or weight.stride(0) != 1 or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    slices = x.reshape(rows, splits, d_in // splits).transpose(0, 1)  # (splits, rows, slice)
+    y = torch.bmm(slices, weight.t().view(splits, d_in // splits, -1)).sum(0)
+    if bias is not None:
+        y += bias
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
