@@ -174,18 +174,24 @@ def _wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
 
 
 @pytest.mark.slow
-def test_sigint_saves_exits_130_and_resume_continues_exactly(setup: dict[str, Path]) -> None:
-    """Ctrl-C in the middle of a run: the step under way finishes, a checkpoint is saved, the
-    process exits 130 naming --resume; resuming gives the uninterrupted run's losses."""
-    run, reference = setup["root"] / "interrupted", setup["root"] / "not-interrupted"
+@pytest.mark.parametrize(("sig", "code", "prefix"), [(signal.SIGINT, 130, "warning: interrupted"),
+                                                    (signal.SIGTERM, 143, "SIGTERM: interrupted")])
+def test_stop_signal_saves_exits_and_resume_continues_exactly(
+        setup: dict[str, Path], sig: int, code: int, prefix: str) -> None:
+    """Ctrl-C (or a scheduler's SIGTERM) in the middle of a run: the step under way finishes, a
+    checkpoint is saved, the process exits 128 + the signal naming --resume; resuming gives the
+    uninterrupted run's losses."""
+    run, reference = setup["root"] / f"interrupted-{sig}", setup["root"] / "not-interrupted"
     common = data_args(setup, "--max-steps", "16")
-    assert invoke("pretrain", *common, "-q", "-o", str(reference)).exit_code == 0
-    only_ctrl_c_saves = ["--set", "train.save_every=100"]
-    with _process(_command(*common, "-o", str(run), *only_ctrl_c_saves)) as proc:
+    if not reference.exists():
+        assert invoke("pretrain", *common, "-q", "-o", str(reference)).exit_code == 0
+    only_the_signal_saves = ["--set", "train.save_every=100"]
+    with _process(_command(*common, "-o", str(run), *only_the_signal_saves)) as proc:
         _wait_for_step(proc, run, 3)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, stderr = proc.communicate()
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == code, stderr
+    assert prefix in stderr, stderr
     step = int(stderr.split("interrupted at step ")[1].split(";")[0])
     assert 3 <= step < 16 and "--resume" in stderr
     assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, step)

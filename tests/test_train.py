@@ -181,6 +181,26 @@ def test_ctrl_c_saves_and_resume_is_exact(tmp_path: Path, optimizer: str) -> Non
     assert last["step"] == 8 and last["lr"] == pytest.approx(1e-3 * lr_multiplier(7, longer))
 
 
+def test_sigterm_saves_and_stops_like_ctrl_c(tmp_path: Path) -> None:
+    cfg = _cfg(max_steps=6, save_every=100)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def terminating(step: int, micro: int) -> Any:
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, during step 2
+        return _rows(step, 0, 4)
+
+    run = tmp_path / "r"
+    result = train(_model(), terminating, _loss, cfg, run_dir=run, accum_steps=1,
+                   save_model=_save)
+    assert (result.stopped, result.signal, result.step) == ("interrupted", signal.SIGTERM, 2)
+    assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, 2)
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again
+    finished = train(_model(), lambda s, m: _rows(s, 0, 4), _loss, _cfg(max_steps=2),
+                     run_dir=tmp_path / "f", accum_steps=1, save_model=_save)
+    assert (finished.stopped, finished.signal) == ("finished", 0)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     def exploding(model: torch.nn.Module, batch: Any) -> Any:
         x, y, step = batch

@@ -73,3 +73,16 @@ Overrides = Annotated[
 def output(quiet: bool, json: bool) -> Output:
     """The `Output` for a command's --quiet/--json flags."""
     return Output(quiet=quiet, json=json)
+
+
+def exit_if_interrupted(out: Output, result: Any, command: str, out_dir: str) -> None:
+    """After a training command: if Ctrl-C or SIGTERM stopped it (a checkpoint was saved), say
+    how to continue and exit as the shell expects, 128 + the signal (130, 143)."""
+    if result.stopped != "interrupted":
+        return
+    import signal
+
+    by = "" if result.signal == signal.SIGINT else f"{signal.Signals(result.signal).name}: "
+    out.warn(f"{by}interrupted at step {result.step}; continue with: tinylm {command} -o "
+             f"{out_dir} --resume")
+    raise typer.Exit(128 + result.signal)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tinylm.cli.app import Force, Json, Overrides, Quiet, app, output
+from tinylm.cli.app import Force, Json, Overrides, Quiet, app, exit_if_interrupted, output
 
 Files = Annotated[
     list[str] | None,
@@ -61,7 +61,7 @@ def pretrain(
     """Pretrain a decoder-only transformer from scratch on your text.
 
     Writes RUN/config.json, model.safetensors, tokenizer.json, metrics.jsonl, checkpoints/,
-    loss_curve.png and report.md. Ctrl-C saves a checkpoint and stops; --resume continues
+    loss_curve.png and report.md. Ctrl-C (or SIGTERM) saves a checkpoint and stops; --resume continues
     exactly. The same command runs on several processes under torchrun (DDP, or FSDP2 with
     --fsdp).
 
@@ -92,10 +92,7 @@ def pretrain(
         data, out_dir, config=config, tokenizer=tokenizer, val_data=val_data,
         overrides=overrides, resume=resume, force=force, out=out,
     )
-    if result.stopped == "interrupted":
-        out.warn(f"interrupted at step {result.step}; continue with: tinylm pretrain -o "
-                 f"{out_dir} --resume")
-        raise typer.Exit(130)
+    exit_if_interrupted(out, result, "pretrain", out_dir)
 
 
 @app.command("eval")

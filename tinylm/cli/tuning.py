@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tinylm.cli.app import output
+from tinylm.cli.app import exit_if_interrupted, output
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -62,12 +62,9 @@ def run_command(
     quiet: bool, json: bool,
 ) -> None:
     """The body of `tinylm finetune` and `tinylm dpo`: `--set` then the given flags as
-    overrides, the run, and on Ctrl-C how to continue it (exit 130)."""
+    overrides, the run, and on Ctrl-C or SIGTERM how to continue it (exit 130, 143)."""
     overrides = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     out = output(quiet, json)
     result = run(base, data, out_dir, config=config, val_data=val_data, overrides=overrides,
                  resume=resume, force=force, out=out)
-    if result.stopped == "interrupted":
-        out.warn(f"interrupted at step {result.step}; continue with: tinylm {command} -o "
-                 f"{out_dir} --resume")
-        raise typer.Exit(130)
+    exit_if_interrupted(out, result, command, out_dir)

@@ -91,6 +91,7 @@ class TrainResult:
     eval: dict[str, float] = field(default_factory=dict)
     stopped: str = "finished"  # "finished", "max_time" or "interrupted"
     checkpoint: Path | None = None
+    signal: int = 0  # what interrupted it: signal.SIGINT (Ctrl-C) or signal.SIGTERM
 
 
 def accumulation_steps(global_units: int, micro_units: int, world_size: int, what: str) -> int:
@@ -131,10 +132,15 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _catch_sigint() -> Iterator[list[bool]]:
-    """A flag set by the first Ctrl-C (the loop then saves and stops); a second one aborts."""
-    flag = [False]
+def _catch_stop_signals() -> Iterator[list[int]]:
+    """[signal number], set by the first Ctrl-C or SIGTERM (what schedulers such as Slurm, and
+    torchrun passing one on, send before a kill): the loop then saves and stops. A second signal
+    aborts at once."""
+    flag = [0]
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -142,13 +148,14 @@ def _catch_sigint() -> Iterator[list[bool]]:
     def handler(signum: int, frame: Any) -> None:
         if flag[0]:
             raise KeyboardInterrupt
-        flag[0] = True
+        flag[0] = signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _default_load(checkpoint: Path, model: nn.Module) -> None:
@@ -302,7 +309,7 @@ def train(
     runner = _Runner(session, wrap_for_training(model, dist, cfg.compile, cfg.fsdp), batches,
                      loss_fn, evaluate, accum_steps, log, out)
     try:
-        with _catch_sigint() as interrupted, out.progress(title, total=cfg.max_steps) as bar:
+        with _catch_stop_signals() as interrupted, out.progress(title, total=cfg.max_steps) as bar:
             bar.advance(progress["step"])
             result = runner.run(interrupted, bar)
     finally:
@@ -381,8 +388,9 @@ class _Runner:
                 sums[key] = sums[key] + value.detach() if key in sums else value.detach()
         return sums
 
-    def run(self, interrupted: list[bool], bar: Any) -> TrainResult:
-        """Steps until max_steps, max_time or Ctrl-C; evaluates, logs and saves on the way."""
+    def run(self, interrupted: list[int], bar: Any) -> TrainResult:
+        """Steps until max_steps, max_time, Ctrl-C or SIGTERM (on any rank); evaluates, logs
+        and saves on the way."""
         cfg, dist, p = self.cfg, self.dist, self.s.progress
         start = time.perf_counter() - p["elapsed_s"]
         window_time, window_tokens = 0.0, 0  # tokens/s leaves evaluation and saving out
@@ -396,7 +404,7 @@ class _Runner:
             sums = self.forward_backward(step)
             keys = sorted(sums)
             time_up = cfg.max_time is not None and step_start - start >= cfg.max_time
-            flags = torch.tensor([float(interrupted[0]), float(time_up and dist.is_main)],
+            flags = torch.tensor([float(interrupted[0] > 0), float(time_up and dist.is_main)],
                                  dtype=torch.float64, device=dist.device)
             reduced = all_reduce_sum(torch.cat([torch.stack([sums[k] for k in keys]), flags]), dist)
             values = reduced.tolist()
@@ -438,8 +446,9 @@ class _Runner:
                 saved = self.s.save(p["step"])
             if stop_interrupt or stop_time:
                 break
+        by = (interrupted[0] or signal.SIGINT) if stopped == "interrupted" else 0
         return TrainResult(self.s.run_dir, p["step"], p["tokens"], p["elapsed_s"], loss,
-                           dict(p["last_eval"]), stopped, saved)
+                           dict(p["last_eval"]), stopped, saved, int(by))
 
     def _eval(self, start: float) -> None:
         assert self.evaluate is not None
