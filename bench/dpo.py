@@ -231,7 +231,7 @@ def main() -> None:
         "the exported model, the same pairs as conversational rows, max_length = "
         "positions + 1, precompute_ref_log_probs off, lr 5e-5 as tinylm, the "
         "TrainingArguments of the finetune section (float32, no gradient checkpointing, "
-        "torch.optim.AdamW "
+        "fused torch.optim.AdamW "
         f"with tinylm's betas and clipping). Bench wall time "
         f"{time.perf_counter() - started:.0f} s.",
         "",

@@ -323,7 +323,7 @@ def main() -> None:
         "chats as conversational prompt-completion rows (completion_only_loss: the "
         "answer and its <|im_end|>, as tinylm), max_length = window + 1 ids, no packing "
         "or padding-free, same lr, schedule, AdamW betas, decay and clipping; matched: "
-        "float32, no gradient checkpointing, torch.optim.AdamW, no logging or saving.",
+        "float32, no gradient checkpointing, fused torch.optim.AdamW, no logging or saving.",
         "",
     ]
     lines += table(rows, params) + [""]

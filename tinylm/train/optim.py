@@ -86,7 +86,11 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     """The optimizers for `model`'s trainable parameters (one, or Muon + AdamW)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     on_cuda = any(p.is_cuda for _, p in named)
-    adamw_args = {"betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": on_cuda or None}
+    # torch's fused AdamW kernel, also on a CPU: there a step takes 0.15-0.3x the time of the
+    # default for-loop (small: 11 against 43 ms; gpt2-124m: 132 against 870 ms). Not for FSDP's
+    # sharded parameters on a CPU, which it does not take.
+    fused = on_cuda or not cfg.fsdp
+    adamw_args = {"betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "fused": fused or None}
     if cfg.optimizer == "adamw":
         return [torch.optim.AdamW(decay_groups(named, cfg), lr=cfg.lr, **adamw_args)]
     hidden = [p for n, p in named if is_hidden_matrix(n, p)]
