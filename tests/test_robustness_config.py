@@ -81,6 +81,8 @@ MODEL_ERRORS = {  # --set overrides: the key the error names
     ("model.n_layers=[1, 2]",): "model.n_layers",
     ("model.n_layers={a: 1}",): "model.n_layers",
     ("model.tie_embeddings=maybe",): "model.tie_embeddings",
+    ("model.family=gpt2", "model.max_seq_len=1000000000000"): "model.d_model",  # 16 TB of positions
+    ("model.d_model=1048576", "model.n_heads=2"): "model.d_model",  # fits no machine's memory
     ("model.n_layer=2",): "model.n_layer",
     ("model=3",): "model",
     ("model.n_layers.deep=3",): "model.n_layers",
@@ -274,6 +276,11 @@ MODEL_CONFIGS = [  # ModelConfig keyword arguments a library user might pass: th
     ({"dropout": 1.0}, "model.dropout"),
     ({"d_ff": -1}, "model.d_ff"),
     ({"rope_theta": 0.0}, "model.rope_theta"),
+    ({"norm_eps": float("nan")}, "model.norm_eps"),
+    ({"norm_eps": float("inf")}, "model.norm_eps"),
+    ({"rope_theta": float("nan")}, "model.rope_theta"),
+    ({"rope_theta": float("inf")}, "model.rope_theta"),
+    ({"dropout": float("nan")}, "model.dropout"),
 ]
 
 
@@ -281,6 +288,19 @@ MODEL_CONFIGS = [  # ModelConfig keyword arguments a library user might pass: th
 def test_model_config_checks_itself(kwargs, key):
     with pytest.raises(TinyLMError, match=key.replace(".", r"\.")):
         ModelConfig(**kwargs)
+
+
+def test_a_model_larger_than_memory_fails_before_allocating(monkeypatch):
+    import os
+
+    from tinylm.model import Transformer
+
+    config = ModelConfig(vocab_size=1000, n_layers=2, n_heads=2, d_model=64, max_seq_len=8)
+    monkeypatch.setattr(os, "sysconf", {"SC_PHYS_PAGES": 100, "SC_PAGE_SIZE": 4096}.__getitem__)
+    with pytest.raises(TinyLMError, match=r"needs 0\.0 GiB .* this machine has 0\.0 GiB"):
+        Transformer(config)  # 400 KB of memory
+    monkeypatch.setattr(os, "sysconf", {"SC_PHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}.__getitem__)
+    Transformer(config)  # 4 MB: fits
 
 
 def test_forward_past_the_context_is_a_user_error():

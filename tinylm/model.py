@@ -27,6 +27,7 @@ concatenated on the output axis):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,8 +85,9 @@ class ModelConfig:
             raise bad("d_ff", f"must be positive (or 0 for automatic), got {self.d_ff}")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise bad("norm_eps" if self.norm_eps <= 0 else "rope_theta", "must be positive")
+        for key in ("norm_eps", "rope_theta"):
+            if not 0 < getattr(self, key) < math.inf:  # also refuses NaN
+                raise bad(key, f"must be a positive number, got {getattr(self, key)}")
 
     @property
     def head_dim(self) -> int:
@@ -322,6 +324,7 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        _check_fits_in_memory(config)
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -431,6 +434,21 @@ def _attention_mask(query_idx: Tensor, key_idx: Tensor, attention_mask: Tensor |
     real = attention_mask[:, key_idx].bool()  # (B, K)
     itself = key_idx[None, :] == query_idx[:, None]
     return ((allowed[None] & real[:, None]) | itself[None])[:, None]
+
+
+def _check_fits_in_memory(config: ModelConfig) -> None:
+    """A clear error, before any allocation, for sizes whose float32 weights alone exceed this
+    machine's memory (the model is built on the CPU first, also for a GPU)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): allocation will tell
+        return
+    params = param_breakdown(config)["total"]
+    if memory > 0 and 4 * params > memory:
+        raise TinyLMError(
+            f"a model of {params:,} parameters needs {4 * params / 2**30:,.1f} GiB for its "
+            f"float32 weights alone; this machine has {memory / 2**30:,.1f} GiB of memory",
+            "choose smaller sizes: model.d_model, n_layers, vocab_size, max_seq_len for gpt2")
 
 
 def param_breakdown(config: ModelConfig) -> dict[str, int]:
