@@ -82,6 +82,36 @@ def test_directories_jsonl_special_tokens_and_pattern(tmp_path):
     assert len(tok.encode(" the dog")) == 2  # " the" and " dog" were learned from the .md file
 
 
+def test_allow_special_reads_separators_as_tokens(tmp_path):
+    """With --allow-special the corpus's <|endoftext|> separators are that token: no merge is
+    learned from their spelling or across them (the same merges as training on the documents
+    apart), and the held-out text counts each as one token. Without it they are plain text."""
+    from tinylm.tokenizer.training import TrainResult, train_from_texts
+
+    docs = ["the cat sat on the mat. " * 20 + "zq", "qz" + "a dog ate the log. " * 20] * 6
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("<|endoftext|>".join(docs), encoding="utf-8")
+    (tmp_path / "sep.txt").write_text("<|endoftext|>" * 400 + "the cat", encoding="utf-8")
+    plain, special = tmp_path / "plain", tmp_path / "special"
+    files = [str(corpus), str(tmp_path / "sep.txt")]
+    assert run(*files, "-v", "300", "-o", str(plain), "-q").exit_code == 0
+    result = run(*files, "-v", "300", "-o", str(special), "--allow-special", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["allow_special"] is True
+    learned = Tokenizer.load(special)
+    pieces = [learned.token_bytes(i) for i in range(256, 256 + len(learned.merges))]
+    assert not any(b"<|" in p or b"endof" in p or b"zqqz" in p for p in pieces)
+    assert any(b"endof" in Tokenizer.load(plain).token_bytes(i) for i in range(256, 297))
+    # the same merges as the documents given apart
+    joined = train_from_texts(["<|endoftext|>".join(docs)], 300, allow_special=True)
+    assert joined.tokenizer.merges == train_from_texts(docs, 300).tokenizer.merges
+    # bytes/token on held-out text counts a separator as one token
+    held_out = ["<|endoftext|>" * 10]
+    assert TrainResult(learned, 0, 0, 0, 0, held_out, True).bytes_per_token() == 13.0
+    assert TrainResult(learned, 0, 0, 0, 0, held_out, False).bytes_per_token() < 13.0
+
+
 def test_max_bytes_samples_every_file(tmp_path):
     (tmp_path / "a.txt").write_text("apple pie\n" * 1000)
     (tmp_path / "b.txt").write_text("zebra zoo\n" * 3000)

@@ -61,8 +61,8 @@ def pretrain(
     """Pretrain a decoder-only transformer from scratch on your text.
 
     Writes RUN/config.json, model.safetensors, tokenizer.json, metrics.jsonl, checkpoints/,
-    loss_curve.png and report.md. Ctrl-C (or SIGTERM) saves a checkpoint and stops; --resume continues
-    exactly. The same command runs on several processes under torchrun (DDP, or FSDP2 with
+    loss_curve.png and report.md. Ctrl-C (or SIGTERM) saves a checkpoint and stops; --resume
+    continues exactly. The same command runs on several processes under torchrun (DDP, or FSDP2 with
     --fsdp).
 
     Examples:

@@ -54,6 +54,14 @@ def tokenize(
         str | None,
         typer.Option(help="Train on at most this much text (e.g. 100M), spread over the files."),
     ] = None,
+    allow_special: Annotated[
+        bool,
+        typer.Option(
+            "--allow-special",
+            help="Read special-token spellings in the corpus (such as <|endoftext|> between "
+            "documents) as those tokens: no merge is learned from or across them.",
+        ),
+    ] = False,
     force: Force = False,
     quiet: Quiet = False,
     json: Json = False,
@@ -62,7 +70,7 @@ def tokenize(
 
     Prints the training time, the vocabulary size and bytes per token
     on held-out text (the last 2% of every file or document).
-    Special-token strings in the corpus stay plain text.
+    Special-token strings in the corpus stay plain text, unless --allow-special.
 
     Examples:
 
@@ -80,6 +88,7 @@ def tokenize(
     out_dir = check_output_dir(out_dir, force)
     limit = parse_size(max_bytes) if max_bytes is not None else None
     specials = [*DEFAULT_SPECIAL_TOKENS, *(special_token or [])]
-    result = train_from_files(files, vocab_size, pattern, specials, out, max_bytes=limit)
+    result = train_from_files(files, vocab_size, pattern, specials, out, max_bytes=limit,
+                              allow_special=allow_special)
     path = result.tokenizer.save(out_dir)
     out.table(f"tokenizer written to {path}", summary(result, path))

@@ -41,6 +41,13 @@ _PY_CACHE_LIMIT = 1 << 18  # chunks kept by the pure-Python encoder's cache
 _PARALLEL_MIN_CHARS = 1 << 20  # smaller batches are encoded by the calling thread
 
 
+def special_splitter(spellings: Iterable[str]) -> regex.Pattern:
+    """A regex that finds any of the special-token spellings (the longest where one begins
+    another)."""
+    alternatives = sorted(spellings, key=len, reverse=True)
+    return regex.compile("|".join(regex.escape(s) for s in alternatives))
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer. Build one with `train`, `train_files`, `bytes_only` or `load`."""
 
@@ -241,9 +248,7 @@ class Tokenizer:
             return self.encode_ordinary(text)
         splitter = self._special_regexes.get(present)
         if splitter is None:
-            alternatives = sorted(present, key=len, reverse=True)
-            splitter = regex.compile("|".join(regex.escape(s) for s in alternatives))
-            self._special_regexes[present] = splitter
+            splitter = self._special_regexes[present] = special_splitter(present)
         ids: list[int] = []
         pos = 0
         for match in splitter.finditer(text):

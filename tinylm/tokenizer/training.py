@@ -23,7 +23,7 @@ from tinylm.errors import TinyLMError
 from tinylm.tokenizer import bpe, parallel
 from tinylm.tokenizer.corpus import CorpusReader
 from tinylm.tokenizer.pretokenize import native, pattern_name, resolve_pattern
-from tinylm.tokenizer.tokenizer import Tokenizer, check_special_tokens
+from tinylm.tokenizer.tokenizer import Tokenizer, check_special_tokens, special_splitter
 
 BATCH_CHARS = 1 << 22  # characters of text per counting task
 
@@ -38,13 +38,14 @@ class TrainResult:
     count_seconds: float
     merge_seconds: float
     held_out: list[str]
+    allow_special: bool = False  # the corpus's special-token spellings were read as tokens
 
     def bytes_per_token(self) -> float | None:
         """UTF-8 bytes per token on the held-out text (None when nothing was held out)."""
         n_bytes = sum(len(t.encode("utf-8")) for t in self.held_out)
-        n_tokens = sum(
-            len(ids) for ids in self.tokenizer.encode_batch(self.held_out, num_workers=1)
-        )
+        allowed = "all" if self.allow_special else frozenset()
+        n_tokens = sum(len(ids) for ids in self.tokenizer.encode_batch(
+            self.held_out, allowed_special=allowed, num_workers=1))
         return n_bytes / n_tokens if n_tokens else None
 
 
@@ -112,6 +113,18 @@ def count_chunks(
     return counts, n_bytes
 
 
+def between_specials(texts: Iterable[str], spellings: Sequence[str]) -> Iterator[str]:
+    """The pieces of each text between special-token spellings, which are dropped: read as
+    control tokens (like document separators), they take no part in merges, and no chunk
+    spans one."""
+    splitter = special_splitter(spellings)
+    for text in texts:
+        if isinstance(text, str) and any(s in text for s in spellings):
+            yield from filter(None, splitter.split(text))
+        else:
+            yield text
+
+
 def learn_merges(
     counts: dict[bytes, int], n_merges: int, out: Output = SILENT
 ) -> list[tuple[int, int]]:
@@ -142,10 +155,13 @@ def _train(
     total_bytes: int | None,
     held_out: list[str],
     source: str = "the texts",
+    allow_special: bool = False,
 ) -> TrainResult:
     specials = check_special_tokens(special_tokens)
     n_merges = n_merges_for(vocab_size, len(specials))
     regex_text = resolve_pattern(pattern)
+    if allow_special:
+        texts = between_specials(texts, specials)
     start = time.perf_counter()
     counts, n_bytes = count_chunks(texts, regex_text, out, total_bytes)
     if n_bytes == 0:
@@ -158,9 +174,8 @@ def _train(
             f"{vocab_size - n_merges + len(merges)} tokens instead of {vocab_size}"
         )
     tokenizer = Tokenizer.from_merges(merges, regex_text, specials)
-    return TrainResult(
-        tokenizer, n_bytes, len(counts), counted - start, time.perf_counter() - counted, held_out
-    )
+    return TrainResult(tokenizer, n_bytes, len(counts), counted - start,
+                       time.perf_counter() - counted, held_out, allow_special)
 
 
 def train_from_texts(
@@ -169,11 +184,14 @@ def train_from_texts(
     pattern: str = "gpt4",
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     out: Output = SILENT,
+    allow_special: bool = False,
 ) -> TrainResult:
-    """Train on an iterable of texts (each a document; chunks never cross documents)."""
+    """Train on an iterable of texts (each a document; chunks never cross documents).
+    `allow_special`: special-token spellings in the texts are those tokens, not text."""
     if isinstance(texts, str):
         texts = [texts]
-    return _train(texts, vocab_size, pattern, special_tokens, out, None, [])
+    return _train(texts, vocab_size, pattern, special_tokens, out, None, [],
+                  allow_special=allow_special)
 
 
 def train_from_files(
@@ -184,8 +202,10 @@ def train_from_files(
     out: Output = SILENT,
     max_bytes: int | None = None,
     holdout: float = 0.02,
+    allow_special: bool = False,
 ) -> TrainResult:
-    """Train on files and directories, holding out a `holdout` fraction to measure bytes/token."""
+    """Train on files and directories, holding out a `holdout` fraction to measure bytes/token.
+    `allow_special`: special-token spellings in the files are those tokens, not text."""
     specials = check_special_tokens(special_tokens)
     n_merges_for(vocab_size, len(specials))  # fail before reading anything
     resolve_pattern(pattern)
@@ -194,9 +214,8 @@ def train_from_files(
     paths = list(paths)
     reader = CorpusReader(paths, max_bytes=max_bytes, holdout=holdout)
     source = ", ".join(str(p) for p in paths)
-    return _train(
-        reader, vocab_size, pattern, specials, out, reader.total_bytes, reader.held_out, source
-    )
+    return _train(reader, vocab_size, pattern, specials, out, reader.total_bytes,
+                  reader.held_out, source, allow_special)
 
 
 def summary(result: TrainResult, path: Path | None = None) -> dict[str, Any]:
@@ -215,6 +234,7 @@ def summary(result: TrainResult, path: Path | None = None) -> dict[str, Any]:
         "train_s": round(result.count_seconds + result.merge_seconds, 3),
         "held_out_bytes": held_out_bytes,
         "bytes_per_token": result.bytes_per_token(),
+        "allow_special": result.allow_special,
         "fingerprint": tok.fingerprint,
     }
     if path is not None:
