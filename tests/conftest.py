@@ -1,8 +1,10 @@
-"""Shared fixtures: the real-text corpus from ../shared/data, skipped with a reason when absent."""
+"""Shared fixtures: the real-text corpus from ../shared/data (skipped with a reason when absent), a
+fresh token cache, and the fault tests' runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -44,3 +46,27 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh token-shard cache (TINYLM_CACHE) for one test, never ~/.cache. Modules whose
+    commands encode data use it for every test: pytestmark = pytest.mark.usefixtures("cache")."""
+    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def fault_setup(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> dict[str, Path]:
+    """The fault tests' tiny pretraining setup and its reference run (faults_support)."""
+    from faults_support import make_setup
+
+    return make_setup(tmp_path_factory.mktemp("faults"), shakespeare_text)
+
+
+@pytest.fixture
+def loop_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The fault tests' uninterrupted run of the shared loop on a tiny model (faults_support)."""
+    from faults_support import make_loop_reference
+
+    return make_loop_reference(tmp_path, monkeypatch)

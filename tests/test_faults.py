@@ -28,8 +28,6 @@ from faults_support import (
     invoke,
     leftovers,
     losses,
-    make_loop_reference,
-    make_setup,
     one_error_line,
     same,
     train_tiny,
@@ -43,24 +41,11 @@ from tinylm.train import checkpoint as ckpt
 from tinylm.train import loop
 from tinylm.train.report import MetricsLog
 
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> dict[str, Path]:
-    """The tiny pretraining setup and its reference run (faults_support.make_setup)."""
-    return make_setup(tmp_path_factory.mktemp("faults"), shakespeare_text)
-
-
-@pytest.fixture
-def loop_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """The uninterrupted run of the shared loop on a tiny model."""
-    return make_loop_reference(tmp_path, monkeypatch)
-
-
 # ---- integrity of a run: load_run checks sizes and checksums --------------------------------
 
 
-def test_a_run_records_the_size_and_checksum_of_its_files(setup: dict[str, Path]) -> None:
-    ref = setup["reference"]
+def test_a_run_records_the_size_and_checksum_of_its_files(fault_setup: dict[str, Path]) -> None:
+    ref = fault_setup["reference"]
     config = json.loads((ref / "config.json").read_text())
     assert set(config["files"]) == {"model.safetensors", "tokenizer.json"}
     assert (
@@ -82,9 +67,9 @@ def test_a_run_records_the_size_and_checksum_of_its_files(setup: dict[str, Path]
     ],
 )
 def test_load_run_detects_a_damaged_file(
-    setup: dict[str, Path], tmp_path: Path, name: str, how: str, message: str
+    fault_setup: dict[str, Path], tmp_path: Path, name: str, how: str, message: str
 ) -> None:
-    run = copy_run(setup["reference"], tmp_path / "run")
+    run = copy_run(fault_setup["reference"], tmp_path / "run")
     damage(run / name, how)
     with pytest.raises(TinyLMError, match=message):
         load_run(run)
@@ -93,24 +78,24 @@ def test_load_run_detects_a_damaged_file(
 
 
 def test_a_flipped_weight_loads_silently_without_the_checksum(
-    setup: dict[str, Path], tmp_path: Path
+    fault_setup: dict[str, Path], tmp_path: Path
 ) -> None:
     """What the checksum is for: a flipped bit in the tensor data passes every other check."""
-    run = copy_run(setup["reference"], tmp_path / "run")
+    run = copy_run(fault_setup["reference"], tmp_path / "run")
     damage(run / "model.safetensors", "flip")
     config = json.loads((run / "config.json").read_text())
     del config["files"]  # as a run written before the records (or by hand): loads unchecked
     (run / "config.json").unlink()
     (run / "config.json").write_text(json.dumps(config))
     loaded = load_run(run).model.state_dict()
-    good = weights(setup["reference"] / "model.safetensors")
+    good = weights(fault_setup["reference"] / "model.safetensors")
     assert not same({k: v for k, v in loaded.items() if k in good}, good)
 
 
 def test_a_swapped_weights_file_of_the_same_shapes_is_detected(
-    setup: dict[str, Path], tmp_path: Path
+    fault_setup: dict[str, Path], tmp_path: Path
 ) -> None:
-    run = copy_run(setup["reference"], tmp_path / "run")
+    run = copy_run(fault_setup["reference"], tmp_path / "run")
     (run / "model.safetensors").unlink()
     shutil.copyfile(ckpt.checkpoint_dir(run, 6) / "model.safetensors", run / "model.safetensors")
     with pytest.raises(TinyLMError, match="damaged or comes from another run"):
@@ -135,11 +120,11 @@ DAMAGES = [
 
 @pytest.mark.parametrize(("name", "how"), DAMAGES, ids=[f"{n}-{h}" for n, h in DAMAGES])
 def test_resume_falls_back_past_a_damaged_checkpoint(
-    setup: dict[str, Path], tmp_path: Path, name: str, how: str
+    fault_setup: dict[str, Path], tmp_path: Path, name: str, how: str
 ) -> None:
     """The finished run's newest checkpoint is damaged: --resume warns, sets it aside,
     continues from step 6 and ends with the reference run's losses and weights."""
-    run = copy_run(setup["reference"], tmp_path / "run")
+    run = copy_run(fault_setup["reference"], tmp_path / "run")
     target = ckpt.checkpoint_dir(run, 8) / name
     if how == "edit":  # valid JSON, one number changed: only state.json's own checksum sees it
         state = json.loads(target.read_text())
@@ -154,26 +139,26 @@ def test_resume_falls_back_past_a_damaged_checkpoint(
     assert "warning: checkpoint step_0000008 is damaged" in result.stderr
     assert "resuming from step_0000006" in result.stderr
     assert (run / ckpt.CHECKPOINTS / "damaged-step_0000008").is_dir()
-    assert losses(run) == losses(setup["reference"])
-    reference = weights(setup["reference"] / "model.safetensors")
+    assert losses(run) == losses(fault_setup["reference"])
+    reference = weights(fault_setup["reference"] / "model.safetensors")
     assert same(weights(run / "model.safetensors"), reference)
     assert ckpt.verify_checkpoint(ckpt.checkpoint_dir(run, 8))
     load_run(run)  # the top-level files are whole again
 
 
 def test_resume_goes_back_as_far_as_needed_and_says_when_nothing_is_left(
-    setup: dict[str, Path], tmp_path: Path
+    fault_setup: dict[str, Path], tmp_path: Path
 ) -> None:
-    run = copy_run(setup["reference"], tmp_path / "run")
+    run = copy_run(fault_setup["reference"], tmp_path / "run")
     damage(ckpt.checkpoint_dir(run, 8) / "model.safetensors", "flip")
     damage(ckpt.checkpoint_dir(run, 6) / "train_state/optimizer.safetensors", "truncate")
     result = invoke("pretrain", "-o", str(run), "--resume")
     assert result.exit_code == 0, result.output
     assert result.stderr.count("warning: checkpoint step_") == 2
     assert "resuming from step_0000004" in result.stderr
-    assert losses(run) == losses(setup["reference"])
+    assert losses(run) == losses(fault_setup["reference"])
 
-    broken = copy_run(setup["reference"], tmp_path / "broken")
+    broken = copy_run(fault_setup["reference"], tmp_path / "broken")
     for checkpoint in ckpt.list_checkpoints(broken):
         damage(checkpoint / "model.safetensors", "truncate")
     line = one_error_line(invoke("pretrain", "-o", str(broken), "--resume", "-q"))
@@ -182,10 +167,10 @@ def test_resume_goes_back_as_far_as_needed_and_says_when_nothing_is_left(
 
 
 def test_checkpoints_from_before_the_records_still_resume(
-    setup: dict[str, Path], tmp_path: Path
+    fault_setup: dict[str, Path], tmp_path: Path
 ) -> None:
     """Runs written before sizes and checksums were recorded resume as they did (unchecked)."""
-    run = copy_run(setup["reference"], tmp_path / "run")
+    run = copy_run(fault_setup["reference"], tmp_path / "run")
     for checkpoint in ckpt.list_checkpoints(run):
         for name in ("train_state/state.json", "config.json"):
             record = json.loads((checkpoint / name).read_text())
@@ -196,7 +181,7 @@ def test_checkpoints_from_before_the_records_still_resume(
     shutil.rmtree(ckpt.checkpoint_dir(run, 8))
     result = invoke("pretrain", "-o", str(run), "--resume", "-q")
     assert result.exit_code == 0 and not result.stderr, result.output
-    assert losses(run) == losses(setup["reference"])
+    assert losses(run) == losses(fault_setup["reference"])
 
 
 def test_resume_before_the_first_checkpoint_says_so(tmp_path: Path) -> None:
@@ -319,22 +304,22 @@ def test_a_full_disk_at_any_point_of_a_save_fails_it_cleanly(
 
 
 def test_a_full_disk_is_one_line_and_exit_2(
-    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fault_setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = tmp_path / "run"
     Faults(monkeypatch, step=4, at=0, mode="full", only="save_file")  # step 4's weights
-    line = one_error_line(invoke("pretrain", *data_args(setup, "-o", str(run), "-q")))
+    line = one_error_line(invoke("pretrain", *data_args(fault_setup, "-o", str(run), "-q")))
     assert "step_0000004: could not write the checkpoint" in line
     assert "No space left on device" in line and "step_0000002 is intact" in line
     monkeypatch.undo()
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_0000002"]
     assert not leftovers(run)
     assert invoke("pretrain", "-o", str(run), "--resume", "-q").exit_code == 0
-    assert losses(run) == losses(setup["reference"])
+    assert losses(run) == losses(fault_setup["reference"])
 
 
 def test_a_full_disk_while_logging_fails_cleanly_and_resumes(
-    setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fault_setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The metrics line of step 5 is cut short by ENOSPC: exit 2; --resume drops it."""
     original = MetricsLog.write
@@ -348,22 +333,23 @@ def test_a_full_disk_while_logging_fails_cleanly_and_resumes(
 
     monkeypatch.setattr(MetricsLog, "write", write)
     run = tmp_path / "run"
-    line = one_error_line(invoke("pretrain", *data_args(setup, "-o", str(run), "-q")))
+    line = one_error_line(invoke("pretrain", *data_args(fault_setup, "-o", str(run), "-q")))
     assert "could not write the run's files" in line and "No space left" in line
     monkeypatch.undo()
     assert invoke("pretrain", "-o", str(run), "--resume", "-q").exit_code == 0
-    assert losses(run) == losses(setup["reference"])
+    assert losses(run) == losses(fault_setup["reference"])
 
 
 # ---- numerics -------------------------------------------------------------------------------
 
 
 def test_a_diverging_learning_rate_stops_at_the_first_nan(
-    setup: dict[str, Path], tmp_path: Path
+    fault_setup: dict[str, Path], tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
     diverging = ["--save-every", "1", "--set", "train.lr=1e6", "--set", "train.warmup_steps=0"]
-    line = one_error_line(invoke("pretrain", *data_args(setup, "-o", str(run), "-q", *diverging)))
+    args = data_args(fault_setup, "-o", str(run), "-q", *diverging)
+    line = one_error_line(invoke("pretrain", *args))
     assert "training diverged at step 3: gradient norm nan" in line
     assert "last good checkpoint is" in line and "step_0000002" in line
     assert "lower the learning rate" in line and "check the data" in line

@@ -27,8 +27,6 @@ from faults_support import (
     invoke,
     leftovers,
     losses,
-    make_loop_reference,
-    make_setup,
     train_tiny,
 )
 
@@ -36,19 +34,6 @@ from tinylm.errors import TinyLMError
 from tinylm.pretrain import pretrain
 from tinylm.run import load_run
 from tinylm.train import checkpoint as ckpt
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> dict[str, Path]:
-    """The tiny pretraining setup and its reference run (faults_support.make_setup)."""
-    return make_setup(tmp_path_factory.mktemp("faults"), shakespeare_text)
-
-
-@pytest.fixture
-def loop_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """The uninterrupted run of the shared loop on a tiny model."""
-    return make_loop_reference(tmp_path, monkeypatch)
-
 
 # ---- a kill at a chosen file operation of a save --------------------------------------------
 
@@ -117,19 +102,19 @@ def _run_pretrain(data: Path, config: Path, out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_never_loses_the_run(setup: dict[str, Path]) -> None:
+def test_sigkill_at_random_moments_never_loses_the_run(fault_setup: dict[str, Path]) -> None:
     """12 seeded trials: `tinylm pretrain`'s library call killed after a random delay (during
     training, evaluation, saving or the report); then --resume (or, killed before the first
     checkpoint, a fresh start) ends with exactly the reference run's losses. (A kill of the
     `tinylm pretrain` process itself: test_pretrain.py.)"""
     rng = random.Random(1234)
     clock = time.perf_counter()
-    _run_pretrain(setup["data"], setup["config"], setup["root"] / "timing")
+    _run_pretrain(fault_setup["data"], fault_setup["config"], fault_setup["root"] / "timing")
     duration = time.perf_counter() - clock
     outcomes = []
     for trial in range(12):
-        run = setup["root"] / f"random{trial}"
-        proc = in_child(_run_pretrain, setup["data"], setup["config"], run)
+        run = fault_setup["root"] / f"random{trial}"
+        proc = in_child(_run_pretrain, fault_setup["data"], fault_setup["config"], run)
         time.sleep(rng.uniform(0.0, duration))
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
@@ -138,11 +123,10 @@ def test_sigkill_at_random_moments_never_loses_the_run(setup: dict[str, Path]) -
             outcomes.append("resumed" if proc.exitcode else "finished")
         except TinyLMError as exc:
             assert "no checkpoint to resume from" in str(exc) or "no such run" in str(exc)
-            pretrain(
-                [str(setup["data"])], run, config=setup["config"], tokenizer="bytes", force=True
-            )
+            pretrain([str(fault_setup["data"])], run, config=fault_setup["config"],
+                     tokenizer="bytes", force=True)
             outcomes.append("restarted")
-        assert losses(run) == losses(setup["reference"]), (trial, outcomes[-1])
+        assert losses(run) == losses(fault_setup["reference"]), (trial, outcomes[-1])
         assert not leftovers(run)
         load_run(run)
     assert outcomes.count("resumed") >= 4, outcomes
@@ -177,12 +161,13 @@ def _wait_for_step(proc: subprocess.Popen, run: Path, step: int) -> None:
 @pytest.mark.parametrize(("sig", "code", "prefix"), [(signal.SIGINT, 130, "warning: interrupted"),
                                                     (signal.SIGTERM, 143, "SIGTERM: interrupted")])
 def test_stop_signal_saves_exits_and_resume_continues_exactly(
-        setup: dict[str, Path], sig: int, code: int, prefix: str) -> None:
+        fault_setup: dict[str, Path], sig: int, code: int, prefix: str) -> None:
     """Ctrl-C (or a scheduler's SIGTERM) in the middle of a run: the step under way finishes, a
     checkpoint is saved, the process exits 128 + the signal naming --resume; resuming gives the
     uninterrupted run's losses."""
-    run, reference = setup["root"] / f"interrupted-{sig}", setup["root"] / "not-interrupted"
-    common = data_args(setup, "--max-steps", "16")
+    root = fault_setup["root"]
+    run, reference = root / f"interrupted-{sig}", root / "not-interrupted"
+    common = data_args(fault_setup, "--max-steps", "16")
     if not reference.exists():
         assert invoke("pretrain", *common, "-q", "-o", str(reference)).exit_code == 0
     only_the_signal_saves = ["--set", "train.save_every=100"]

@@ -11,7 +11,6 @@ window (data.seq_len, data.max_length), --seq-len of eval, or a prompt that does
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -44,9 +43,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return runs
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("cache")  # conftest: a fresh token cache
 
 
 def sets(*overrides: str) -> list[str]:

@@ -46,11 +46,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return data_runs(tmp_path_factory.mktemp("runs"))
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Token shards go to a fresh cache, never ~/.cache."""
-    monkeypatch.setenv("TINYLM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("cache")  # conftest: a fresh token cache
 
 
 def assert_failed_cleanly(result, out: Path, cache: Path, *needles: str) -> None:
