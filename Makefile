@@ -1,10 +1,12 @@
 # The whole set-up on a fresh machine is one of these two commands:
 #   make demo   installs tinylm into .venv and runs `tinylm quickstart` (every stage, ~10 min)
 #   make test   installs tinylm with its test extras into .venv and runs the test suite
-# TORCH pins the PyTorch build (the CPU wheel on a bare machine); override for a GPU:
-#   make test TORCH='torch==2.13.0'
+# TORCH pins the PyTorch version; pip takes it from the configured index (on a stock PyPI for
+# Linux x86_64 that is the CUDA build). TORCH_INDEX, when set, is the index pip installs it from:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu   (the CPU wheel, 2.13.0+cpu)
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
@@ -16,7 +18,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard tinylm/tokenizer/_c/*) | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]" "$(TORCH)"
 	touch $@
 
