@@ -174,7 +174,7 @@ class _AttnStep:
     mask: Tensor | None  # bool (B or 1, 1, T, kv_len), True = may attend
     is_causal: bool
     cache: KVCache | None
-    write_idx: Tensor  # (T,) cache slots of the new tokens
+    write_idx: Tensor  # (T,) cache slots of the new tokens, or (B, T): each row its own
     kv_len: int | None  # keys to attend over in the cache (None: all of it)
 
 
@@ -213,8 +213,13 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         if step.cache is not None:
             k_all, v_all = step.cache.k[self.layer_idx], step.cache.v[self.layer_idx]
-            k_all.index_copy_(2, step.write_idx, k)
-            v_all.index_copy_(2, step.write_idx, v)
+            if step.write_idx.dim() == 2:  # per-row positions: row b writes its own slots
+                rows = torch.arange(B, device=x.device)[:, None]
+                k_all[rows, :, step.write_idx] = k.transpose(1, 2)  # (B, T, H_kv, D) slots
+                v_all[rows, :, step.write_idx] = v.transpose(1, 2)
+            else:
+                k_all.index_copy_(2, step.write_idx, k)
+                v_all.index_copy_(2, step.write_idx, v)
             k, v = k_all[:, :, : step.kv_len], v_all[:, :, : step.kv_len]
         y = F.scaled_dot_product_attention(
             q, k, v,
@@ -361,7 +366,10 @@ class Transformer(nn.Module):
         `start_pos`: index in the sequence (and slot in `kv_cache`) of `input_ids[:, 0]`; an int,
         or a 0-dim tensor (then attention spans the whole cache, masked, so a compiled decode
         step keeps one shape). With a cache, the new keys/values are written there and attention
-        covers slots [0, start_pos + T).
+        covers slots [0, start_pos + T). With a cache and no `attention_mask`, `start_pos` may
+        also be a (B,) tensor, a position per row (rows of different lengths decoded together,
+        as a server's continuous batching does): row b writes slots [start_pos[b], + T) of
+        its own cache row and attends over its slots up to there.
         `attention_mask`: either (B, >= start_pos + T) of 1 (token) / 0 (left padding) over the
         whole sequence so far, and positions are then counted from each row's first real token
         (a padded row gives the same logits as the row alone); or a full boolean mask
@@ -373,9 +381,11 @@ class Transformer(nn.Module):
         config = self.config
         T = input_ids.shape[1]
         device = input_ids.device
-        dynamic = isinstance(start_pos, Tensor)
-        query_idx = torch.arange(T, device=device) + start_pos  # (T,) index of each new token
-        end = None if dynamic else start_pos + T
+        per_row = isinstance(start_pos, Tensor) and start_pos.dim() == 1
+        dynamic = isinstance(start_pos, Tensor) and not per_row
+        # (T,) index of each new token, or (B, T) with per-row positions
+        query_idx = torch.arange(T, device=device) + (start_pos[:, None] if per_row else start_pos)
+        end = None if dynamic else (int(start_pos.max()) + T if per_row else start_pos + T)
         if end is not None and end > config.max_seq_len:
             raise TinyLMError(
                 f"sequence of {end} tokens is longer than the model's context "
@@ -391,13 +401,13 @@ class Transformer(nn.Module):
             counted = padding.long().cumsum(-1) - 1  # (B, L) position of each real token
             positions = counted.clamp(min=0)[:, query_idx]  # (B, T)
         else:
-            positions = query_idx[None]  # (1, T)
+            positions = query_idx if per_row else query_idx[None]  # (B or 1, T)
         if full_mask:
             mask = attention_mask if attention_mask.dim() == 4 else attention_mask[:, None]
             is_causal = False
         elif padding is None and kv_cache is None:
             mask, is_causal = None, True
-        elif padding is None and T == 1 and not dynamic:
+        elif padding is None and T == 1 and not dynamic and not per_row:
             mask, is_causal = None, False  # one new token that may see every cached one
         else:
             key_idx = query_idx if kv_cache is None else torch.arange(
@@ -428,9 +438,9 @@ def _attention_mask(query_idx: Tensor, key_idx: Tensor, attention_mask: Tensor |
     sees itself, so that no row is empty (an empty row gives NaN, and NaN times a zero attention
     weight is still NaN in the next layer).
     """
-    allowed = key_idx[None, :] <= query_idx[:, None]  # (T, K)
+    allowed = key_idx[None, :] <= query_idx[..., None]  # (T, K), or (B, T, K) per row
     if attention_mask is None:
-        return allowed[None, None]
+        return allowed.view(-1, 1, *allowed.shape[-2:])
     real = attention_mask[:, key_idx].bool()  # (B, K)
     itself = key_idx[None, :] == query_idx[:, None]
     return ((allowed[None] & real[:, None]) | itself[None])[:, None]
