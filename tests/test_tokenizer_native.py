@@ -126,3 +126,25 @@ def test_one_tokenizer_shared_by_threads(both, shakespeare_text: str):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(fresh.encode, texts))
     assert got == [py_tok.encode(t) for t in texts]
+
+
+@pytest.mark.slow
+def test_c_trainer_at_a_32k_vocabulary_equals_python(shakespeare_text: str, monkeypatch):
+    """The full 32,768-token vocabulary (32,509 merges), where the counts run low and ties
+    between pairs of equal count are many: Shakespeare plus 1.8 MB of seeded random words
+    (letters of three scripts, so multi-byte characters merge too)."""
+    import random
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyzéüßøçñ日本語кирилица"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 12)))
+             for _ in range(12_000)]
+    texts = [shakespeare_text, " ".join(rng.choice(words) for _ in range(150_000))]
+    with_c = Tokenizer.train(texts, 32768)
+    monkeypatch.setattr(pretokenize, "_native", None)
+    without_c = Tokenizer.train(texts, 32768)
+    assert without_c._native_encoder() is None
+    assert with_c.vocab_size == 32768 and len(with_c.merges) == 32509
+    assert without_c.merges == with_c.merges
+    sample = shakespeare_text[-20_000:] + texts[1][-20_000:]
+    assert without_c.encode(sample) == with_c.encode(sample)
