@@ -1,4 +1,5 @@
-"""`tinylm export` and `tinylm import`: to and from a Hugging Face `transformers` directory."""
+"""`tinylm export` and `tinylm import`: to and from a Hugging Face `transformers` directory;
+export also writes a GGUF file for llama.cpp."""
 
 from __future__ import annotations
 
@@ -8,16 +9,23 @@ from typing import Annotated
 import typer
 
 from tinylm.cli.app import Force, Json, Quiet, app, output
+from tinylm.errors import TinyLMError
 
 
 @app.command("export")
 def export(
     model: Annotated[Path, typer.Option("--model", "-m", help="The run directory to export.")],
     output_dir: Annotated[
-        Path, typer.Option("--output", "-o", help="The Hugging Face model directory to write.")
+        Path, typer.Option("--output", "-o", help="The Hugging Face model directory to write "
+                           "(--format hf), or the .gguf file (--format gguf).")
     ],
+    fmt: Annotated[
+        str, typer.Option("--format", help="hf: a transformers directory; gguf: one file for "
+                          "llama.cpp and ollama.")
+    ] = "hf",
     dtype: Annotated[
-        str, typer.Option("--dtype", help="Weight dtype: float32, bfloat16 or float16.")
+        str, typer.Option("--dtype", help="Weight dtype. hf: float32, bfloat16 or float16; "
+                          "gguf: f32, f16 or q8_0 (float32 means f32).")
     ] = "float32",
     merge: Annotated[
         bool,
@@ -46,11 +54,25 @@ def export(
 
     Then in Python: AutoModelForCausalLM.from_pretrained("hf/sft"), and for a LoRA export
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("hf/lora"), "hf/lora/adapter").
-    """
-    from tinylm.interop import export_hf
 
+    With --format gguf the run (a LoRA run merged) becomes one GGUF file with its tokenizer and
+    chat template, for llama.cpp and ollama (needs the `gguf` package: pip install 'tinylm[gguf]'):
+
+        tinylm export --model runs/sft --format gguf -o sft.gguf --dtype q8_0
+
+        llama-cli -m sft.gguf -cnv
+    """
     out = output(quiet, json)
-    summary = export_hf(model, output_dir, dtype=dtype, merge=merge, force=force, out=out)
+    if fmt == "gguf":
+        from tinylm.interop.gguf import export_gguf
+
+        summary = export_gguf(model, output_dir, dtype=dtype, force=force, out=out)
+    elif fmt == "hf":
+        from tinylm.interop import export_hf
+
+        summary = export_hf(model, output_dir, dtype=dtype, merge=merge, force=force, out=out)
+    else:
+        raise TinyLMError(f"--format {fmt!r}: must be hf or gguf")
     out.table("export", summary)
 
 
