@@ -20,7 +20,7 @@ from tinylm.data import (
     token_dtype,
 )
 from tinylm.errors import TinyLMError
-from tinylm.tokenizer import Tokenizer
+from tinylm.tokenizer import Tokenizer, parallel
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_second_run_uses_the_cache_and_changed_content_does_not(
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("encoded again")
 
-    monkeypatch.setattr(Tokenizer, "encode_batch", fail)
+    monkeypatch.setattr(parallel, "pack_group", fail)
     again = encode_corpus([tmp_path], tok, cache_dir=tmp_path / "cache")  # same files via the dir
     assert again.read(0, len(again)).tolist() == first.read(0, len(first)).tolist()
     files[0].write_text("Changed.\n", encoding="utf-8")
@@ -75,7 +75,7 @@ def test_interrupted_encoding_leaves_nothing_that_looks_complete(
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Tokenizer, "encode_batch", crash)
+    monkeypatch.setattr(parallel, "pack_group", crash)
     with pytest.raises(KeyboardInterrupt):
         encode_corpus(files, tok, cache_dir=tmp_path / "cache")
     assert list((tmp_path / "cache" / "tokens").iterdir()) == []
@@ -86,10 +86,13 @@ class _BigVocab:
 
     def __init__(self, tok: Tokenizer) -> None:
         self.tok, self.vocab_size, self.eot_id = tok, 70000, 69999
-        self.fingerprint = "big-" + tok.fingerprint
+        self.fingerprint, self.pattern = "big-" + tok.fingerprint, tok.pattern
 
-    def encode_batch(self, texts: list[str], allowed_special=frozenset()) -> list[list[int]]:
-        return [[66000 + i for i in ids] for ids in self.tok.encode_batch(texts, allowed_special)]
+    def encode_many(self, texts: list[str], allowed_special=frozenset()) -> list[list[int]]:
+        return [[66000 + i for i in self.tok.encode(t, allowed_special)] for t in texts]
+
+    def encode_packed(self, text: str, allowed_special=frozenset()) -> bytes:
+        return np.asarray(self.encode_many([text])[0], dtype=np.uint32).tobytes()
 
 
 def test_uint16_and_uint32(tmp_path: Path, tok: Tokenizer) -> None:

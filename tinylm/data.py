@@ -3,15 +3,19 @@
     CACHE/tokens/<key>/index.json         dtype, token / document / byte counts, files, shards
     CACHE/tokens/<key>/tokens_00000.bin   raw uint16 (vocab <= 65536) or uint32 token ids
 
-`key` hashes the tokenizer's fingerprint and the content of every input file, so a second run
-on the same data starts at once, and changed data or another tokenizer is encoded again.
-Encoding streams the files (`tinylm.textio.iter_text`) in blocks through
-`Tokenizer.encode_batch` (all cores) and appends the end-of-text token after each document; the
-corpus never has to fit in memory. Special-token spellings in the text ("<|endoftext|>") are
-plain text unless `allowed_special` lists them (then they are control tokens, and the key says
-so). The shard directory is written under a temporary name and renamed, so an interrupted
-encode leaves nothing that looks complete.
+`key` hashes the tokenizer's fingerprint and, for every input file, its content, its kind, its
+decompression, its text field and (parquet) its row groups, so a second run on the same data
+starts at once, and changed data, another text field or another tokenizer is encoded again.
+Encoding streams the files (`tinylm.textio.iter_file_pieces`) in groups of about a MiB to one
+worker per core (`tinylm.tokenizer.parallel.encode_stream`) while the next groups are read,
+appending the end-of-text token after each document; at most two groups per core are in
+memory, so memory stays flat however large the corpus. Special-token spellings in the text
+("<|endoftext|>") are plain text unless `allowed_special` lists them (then they are control
+tokens, and the key says so). The shard directory is written under a temporary name and
+renamed, so an interrupted encode leaves nothing that looks complete.
 
+Weighted `--data` values (`web.parquet:0.8 code.jsonl.zst:0.2`) are a `TokenMixture`: each
+source is its own cached stream, and each training window comes from a source drawn by weight.
 Training windows are a pure function of (seed, step, micro-batch index): a run resumed at step
 N, or split over several processes, reads exactly the windows of the uninterrupted run.
 """
@@ -23,9 +27,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +38,8 @@ import torch
 
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
-from tinylm.textio import expand_paths, iter_text
+from tinylm.sources import DEFAULT_TEXT_FIELD, DataFile, DataValue, mixture_weights
+from tinylm.textio import iter_file_pieces
 
 if TYPE_CHECKING:
     from tinylm.tokenizer import Tokenizer
@@ -42,8 +47,9 @@ if TYPE_CHECKING:
 INDEX_FILE = "index.json"
 SHARD_FORMAT = 2  # 2: corpora cut where GPT-2 patterns cut too (textio._safe_split)
 SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB as uint16)
-ENCODE_BLOCK_CHARS = 16 << 20  # characters handed to encode_batch at a time
-PIECE_CHARS = 1 << 18  # pieces small enough to spread a block over all cores
+GROUP_CHARS = 1 << 20  # characters of text per encoding task
+PIECE_CHARS = 1 << 18  # text files come in pieces of this size, a few to a task
+PARALLEL_MIN_BYTES = 4 << 20  # smaller corpora are encoded in this thread (no pool to start)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -65,20 +71,40 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_record(file: DataFile) -> dict[str, Any]:
+    """What the cache key and index.json record of one input file."""
+    record: dict[str, Any] = {"path": str(file.path), "bytes": file.path.stat().st_size,
+                              "blake2b": file_digest(file.path), "kind": file.kind,
+                              "jsonl": file.kind == "jsonl"}
+    if file.compression:
+        record["compression"] = file.compression
+    if file.kind != "text":
+        record["text_field"] = file.text_field
+    if file.kind == "parquet":
+        from tinylm.formats import parquet_record
+
+        record.update(parquet_record(file.path))
+    return record
+
+
+def _record_key(record: dict[str, Any]) -> str:
+    if record["kind"] == "parquet" or record.get("compression") or record.get(
+            "text_field", DEFAULT_TEXT_FIELD) != DEFAULT_TEXT_FIELD:
+        return (f"/{record['blake2b']}:{record['kind']}:{record.get('compression')}:"
+                f"{record.get('text_field')}:{record.get('row_groups')}")
+    return f"/{record['blake2b']}:{record['jsonl']}"  # plain text and JSONL keep their old keys
+
+
 def corpus_key(
-    files: Sequence[Path], fingerprint: str, allowed_special: AbstractSet[str] = frozenset()
+    files: Sequence[DataFile], fingerprint: str, allowed_special: AbstractSet[str] = frozenset()
 ) -> tuple[str, list[dict[str, Any]]]:
     """The cache key of encoding `files` with a tokenizer (and `allowed_special` read as control
     tokens), and the per-file records."""
-    records = [
-        {"path": str(p), "bytes": p.stat().st_size, "blake2b": file_digest(p),
-         "jsonl": p.suffix.lower() == ".jsonl"}
-        for p in files
-    ]
+    records = [file_record(f) for f in files]
     h = hashlib.blake2b(digest_size=16)
     h.update(f"shards/{SHARD_FORMAT}/{fingerprint}".encode())
-    for r in records:  # content and kind only: renaming or moving a file keeps its cache
-        h.update(f"/{r['blake2b']}:{r['jsonl']}".encode())
+    for r in records:  # content and how it is read: renaming or moving a file keeps its cache
+        h.update(_record_key(r).encode())
     if allowed_special:  # absent by default, so the default keys stay what they were
         h.update(json.dumps(sorted(allowed_special)).encode())
     return h.hexdigest(), records
@@ -102,7 +128,7 @@ class _ShardWriter:
             if self._file is None or self.shards[-1]["n_tokens"] == self.shard_tokens:
                 self._next()
             room = self.shard_tokens - self.shards[-1]["n_tokens"]
-            self._file.write(ids[:room].astype(self.dtype).tobytes())
+            self._file.write(np.ascontiguousarray(ids[:room], dtype=self.dtype).data)
             self.shards[-1]["n_tokens"] += len(ids[:room])
             ids = ids[room:]
 
@@ -120,54 +146,60 @@ class _ShardWriter:
             self._file = None
 
 
+def _groups(files: Sequence[DataFile], counts: dict[str, int], bar: Any
+            ) -> Iterator[tuple[list[str], list[bool]]]:
+    """The files' pieces in groups of about GROUP_CHARS characters, counting bytes and docs."""
+    texts: list[str] = []
+    ends: list[bool] = []
+    chars = 0
+    for file in files:
+        for piece in iter_file_pieces(file, PIECE_CHARS):
+            text = piece.text
+            n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
+            counts["n_bytes"] += n_bytes
+            counts["n_docs"] += piece.doc_end
+            bar.advance(n_bytes)
+            texts.append(text)
+            ends.append(piece.doc_end)
+            chars += len(text)
+            if chars >= GROUP_CHARS:
+                yield texts, ends
+                texts, ends, chars = [], [], 0
+    if texts:
+        yield texts, ends
+
+
 def _encode_into(
-    files: Sequence[Path], tokenizer: Tokenizer, writer: _ShardWriter, total_bytes: int,
-    out: Output, allowed_special: AbstractSet[str],
+    files: Sequence[DataFile], tokenizer: Tokenizer, writer: _ShardWriter,
+    total_bytes: int | None, out: Output, allowed_special: AbstractSet[str],
 ) -> dict[str, int]:
     """Stream the files through the tokenizer into `writer`; token, doc and byte counts."""
+    from tinylm.tokenizer.parallel import encode_stream
+
     counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
-    block: list[tuple[str, bool]] = []
-
-    def flush() -> None:
-        encoded = tokenizer.encode_batch([text for text, _ in block], allowed_special)
-        for ids, (_, doc_end) in zip(encoded, block, strict=True):
-            if doc_end:
-                ids = [*ids, tokenizer.eot_id]
-                counts["n_docs"] += 1
-            writer.write(np.asarray(ids, dtype=np.int64))
-            counts["n_tokens"] += len(ids)
-        block.clear()
-
-    chars = 0
+    workers = None if (total_bytes or PARALLEL_MIN_BYTES) >= PARALLEL_MIN_BYTES else 1
     with out.progress("encoding", total=total_bytes) as bar:
-        for piece in iter_text(files, max_chars=PIECE_CHARS):
-            n_bytes = len(piece.text.encode("utf-8"))
-            counts["n_bytes"] += n_bytes
-            block.append((piece.text, piece.doc_end))
-            chars += len(piece.text)
-            bar.advance(n_bytes)
-            if chars >= ENCODE_BLOCK_CHARS:
-                flush()
-                chars = 0
-        if block:
-            flush()
+        groups = _groups(files, counts, bar)
+        for packed in encode_stream(tokenizer, groups, allowed_special, writer.dtype.name,
+                                    workers):
+            ids = np.frombuffer(packed, dtype=writer.dtype)
+            writer.write(ids)
+            counts["n_tokens"] += len(ids)
     return counts
 
 
-def encode_corpus(
-    paths: Iterable[str | Path],
-    tokenizer: Tokenizer,
-    cache_dir: str | Path | None = None,
-    out: Output = SILENT,
-    shard_tokens: int = SHARD_TOKENS,
-    allowed_special: AbstractSet[str] = frozenset(),
-) -> TokenStream:
-    """The token stream of text files / directories / JSONL, from the cache or encoded now.
+def _text_bytes(records: list[dict[str, Any]]) -> int | None:
+    """The text's size for the progress bar: known for plain files only (else None)."""
+    if any(r["kind"] == "parquet" or r.get("compression") for r in records):
+        return None
+    return sum(r["bytes"] for r in records)
 
-    Special-token spellings in the text are plain text unless named in `allowed_special`.
-    """
-    files = expand_paths(paths)
-    allowed = frozenset(allowed_special)
+
+def _encode_files(
+    files: Sequence[DataFile], tokenizer: Tokenizer, cache_dir: str | Path | None,
+    out: Output, shard_tokens: int, allowed: frozenset[str],
+) -> TokenStream:
+    """The token stream of `files`, from the cache or encoded now."""
     key, records = corpus_key(files, tokenizer.fingerprint, allowed)
     root = cache_root(cache_dir) / "tokens"
     final = root / key
@@ -183,8 +215,7 @@ def encode_corpus(
         dtype = token_dtype(tokenizer.vocab_size)
         writer = _ShardWriter(tmp, dtype, shard_tokens)
         try:
-            total = sum(r["bytes"] for r in records)
-            counts = _encode_into(files, tokenizer, writer, total, out, allowed)
+            counts = _encode_into(files, tokenizer, writer, _text_bytes(records), out, allowed)
         finally:
             writer.close()
         index = {"format": SHARD_FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
@@ -202,6 +233,36 @@ def encode_corpus(
         raise
     out.info(f"encoded {counts['n_bytes']:,} bytes into {counts['n_tokens']:,} tokens ({final})")
     return TokenStream.open(final)
+
+
+def encode_corpus(
+    paths: Iterable[DataValue],
+    tokenizer: Tokenizer,
+    cache_dir: str | Path | None = None,
+    out: Output = SILENT,
+    shard_tokens: int = SHARD_TOKENS,
+    allowed_special: AbstractSet[str] = frozenset(),
+    text_field: str = DEFAULT_TEXT_FIELD,
+) -> TokenStream:
+    """The token stream of `--data` values (text, JSONL, parquet, .gz / .zst, directories,
+    globs; tinylm.sources), from the cache or encoded now. Weighted values give a
+    `TokenMixture` of one stream per value; unweighted ones one stream of all their files.
+
+    Special-token spellings in the text are plain text unless named in `allowed_special`;
+    `text_field` is the JSONL key or parquet column holding the text.
+    """
+    from tinylm.sources import resolve_sources, source_files
+
+    sources = resolve_sources(paths, text_field)
+    allowed = frozenset(allowed_special)
+    weights = mixture_weights(sources)
+    if weights is None:
+        files = [f for s in sources for f in source_files(s)]
+        return _encode_files(files, tokenizer, cache_dir, out, shard_tokens, allowed)
+    files_of = [source_files(s) for s in sources]  # every path checked before encoding any
+    parts = [_encode_files(files, tokenizer, cache_dir, out, shard_tokens, allowed)
+             for files in files_of]
+    return TokenMixture.of(parts, weights, [str(s) for s in sources])
 
 
 @dataclass
@@ -255,12 +316,57 @@ class TokenStream:
             i += 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def pieces(self) -> list[np.ndarray]:
+        """The stream's tokens as memory-mapped arrays, in order (views, nothing is read)."""
+        found = []
+        for a, base in zip(self.arrays, self.offsets[:-1].tolist(), strict=True):
+            lo, hi = max(self.start, base), min(self.stop, base + len(a))
+            if lo < hi:
+                found.append(a[lo - base:hi - base])
+        return found
+
+
+def concat_streams(streams: Sequence[TokenStream]) -> TokenStream:
+    """One stream of the streams' tokens one after another (their counts summed)."""
+    arrays = [a for s in streams for a in s.pieces()]
+    offsets = np.cumsum([0] + [len(a) for a in arrays])
+    index = {**streams[0].index, "shards": [], "files": [],
+             **{k: sum(s.index.get(k, 0) for s in streams)
+                for k in ("n_tokens", "n_docs", "n_bytes")}}
+    return TokenStream(index, arrays, offsets, 0, int(offsets[-1]))
+
+
+@dataclass
+class TokenMixture(TokenStream):
+    """Streams drawn from by weight: `sample_windows` takes each window from a source drawn by
+    `weights`; as a plain stream (evaluation) it is the sources one after another."""
+
+    parts: list[TokenStream] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, parts: Sequence[TokenStream], weights: Sequence[float], names: Sequence[str]
+           ) -> TokenMixture:
+        """The mixture of `parts` with `weights` (summing to 1) and the sources' `names`."""
+        whole = concat_streams(parts)
+        index = {**whole.index, "sources": [{"source": n, "weight": w, "tokens": len(p)}
+                                            for p, w, n in zip(parts, weights, names,
+                                                               strict=True)]}
+        return cls(index, whole.arrays, whole.offsets, whole.start, whole.stop,
+                   list(parts), list(weights), list(names))
+
 
 def split_stream(stream: TokenStream, val_fraction: float) -> tuple[TokenStream, TokenStream]:
     """(train, val): the last `val_fraction` of the token stream is validation (like nanoGPT's
-    90/10 split of Shakespeare; a document may straddle the boundary)."""
+    90/10 split of Shakespeare; a document may straddle the boundary). A mixture splits each
+    source so: training is the mixture of their heads, validation all their tails."""
     if not 0.0 < val_fraction < 1.0:
         raise TinyLMError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+    if isinstance(stream, TokenMixture):
+        splits = [split_stream(part, val_fraction) for part in stream.parts]
+        train = TokenMixture.of([s[0] for s in splits], stream.weights, stream.names)
+        return train, concat_streams([s[1] for s in splits])
     cut = len(stream) - max(1, round(len(stream) * val_fraction))
     return stream.view(0, cut), stream.view(cut, len(stream))
 
@@ -275,7 +381,10 @@ def sample_windows(
     stream: TokenStream, seq_len: int, batch_size: int, seed: int, step: int, micro: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), each (batch_size, seq_len) int64: random windows of the stream and
-    the same windows shifted by one token. A pure function of its arguments."""
+    the same windows shifted by one token. A pure function of its arguments. From a
+    `TokenMixture`, each window's source is drawn by weight first."""
+    if isinstance(stream, TokenMixture):
+        return _sample_mixture(stream, seq_len, batch_size, seed, step, micro)
     n = len(stream)
     if n < seq_len + 1:
         raise TinyLMError(
@@ -286,6 +395,28 @@ def sample_windows(
     starts = torch.randint(0, n - seq_len, (batch_size,), generator=generator).tolist()
     rows = np.stack([stream.read(s, seq_len + 1) for s in starts])
     windows = torch.from_numpy(rows)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def _sample_mixture(
+    mixture: TokenMixture, seq_len: int, batch_size: int, seed: int, step: int, micro: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    for part, name in zip(mixture.parts, mixture.names, strict=True):
+        if len(part) < seq_len + 1:
+            raise TinyLMError(
+                f"--data {name} has {len(part):,} training tokens, fewer than one window of "
+                f"{seq_len + 1}", "give that source more text or use a shorter data.seq_len",
+            )
+    generator = torch.Generator().manual_seed(window_seed(seed, step, micro))
+    # Two float64 draws a row (53 random bits each): the source by its weight, then the start.
+    draws = torch.rand((batch_size, 2), generator=generator, dtype=torch.float64).tolist()
+    bounds = np.cumsum(mixture.weights)
+    rows = []
+    for pick, where in draws:
+        i = min(int(np.searchsorted(bounds, pick, side="right")), len(mixture.parts) - 1)
+        part = mixture.parts[i]
+        rows.append(part.read(int(where * (len(part) - seq_len)), seq_len + 1))
+    windows = torch.from_numpy(np.stack(rows))
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 

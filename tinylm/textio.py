@@ -1,7 +1,10 @@
-"""Reading users' files: text corpora and JSONL, streamed, with errors that name file and line.
+"""Reading users' files: text corpora, JSONL and parquet, streamed, with errors that name the
+file and the line (or row group and row).
 
 Every stage reads its input through here, so every stage rejects a bad file the same way: one
-`TinyLMError` naming the file (and the line for JSONL) and what to do about it.
+`TinyLMError` naming the file (and the line for JSONL) and what to do about it. Files ending in
+.gz or .zst are decompressed as they are read (tinylm.formats); which files a `--data` value
+names, and of what kind, is tinylm.sources.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import regex
 
 from tinylm.errors import TinyLMError
 
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl")
+if TYPE_CHECKING:
+    from tinylm.sources import DataFile, DataValue
+
 READ_BYTES = 1 << 20  # read files 1 MiB at a time so a corpus never has to fit in memory
 # A JSONL line longer than this is a wrong file (a JSON array, a binary), not one example; the
 # check keeps such a file from being read whole into memory before it fails.
@@ -37,30 +42,12 @@ class TextPiece:
     doc_end: bool
 
 
-def expand_paths(
-    paths: Iterable[str | Path], suffixes: tuple[str, ...] = TEXT_SUFFIXES
-) -> list[Path]:
-    """Files as given, and the files under directories (recursively, sorted, by suffix)."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found = (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-            files.extend(sorted(found))
-        elif path.is_file():
-            files.append(path)
-        elif path.exists():
-            raise TinyLMError(f"{path}: not a regular file or directory")
-        else:
-            raise TinyLMError(f"{path}: no such file or directory", "check the path")
-    if not files:
-        shown = ", ".join(str(p) for p in paths) or "(none)"
-        expected = ", ".join(suffixes)
-        raise TinyLMError(f"no input files found in {shown}", f"expected {expected} files")
-    for path in files:
-        if not os.access(path, os.R_OK):
-            raise TinyLMError(f"{path}: permission denied", "make it readable or leave it out")
-    return files
+def expand_paths(paths: Iterable[DataValue]) -> list[Path]:
+    """Files as given, the files under directories (recursively, sorted, of a known kind) and
+    those a glob matches; `path:weight` values count as their path (tinylm.sources)."""
+    from tinylm.sources import expand
+
+    return [f.path for f in expand(paths)]
 
 
 def check_file(path: str | Path, hint: str = "check the path") -> Path:
@@ -106,15 +93,28 @@ def _safe_split(text: str) -> int:
     return match.end() if match else -1
 
 
-def _iter_file_text(path: Path, max_chars: int, hint: str = "check the path") -> Iterator[str]:
-    """A UTF-8 file's text in pieces of at most about `max_chars`, cut at safe boundaries."""
+def _corrupt(path: Path, where: str, exc: Exception) -> TinyLMError:
+    return TinyLMError(f"{path}{where}: corrupt compressed data ({exc})",
+                       "the file is damaged or truncated; re-create or re-download it")
+
+
+def _iter_file_text(
+    path: Path, max_chars: int, hint: str = "check the path", compression: str | None = None
+) -> Iterator[str]:
+    """A UTF-8 file's text (decompressed as it is read when `compression` is "gzip" or "zstd")
+    in pieces of at most about `max_chars`, cut at safe boundaries."""
+    from tinylm.formats import CorruptData, open_data
+
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
     pending = ""
     first = True
-    with open_file(path, hint) as f:
+    with open_data(path, compression, hint) as f:
         while True:
-            block = f.read(READ_BYTES)
+            try:
+                block = f.read(READ_BYTES)
+            except CorruptData as exc:
+                raise _corrupt(path, f": after {offset:,} bytes of text", exc) from None
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as exc:
@@ -174,17 +174,33 @@ def check_text(text: str, what: str, hint: str | None = None) -> str:
     return text
 
 
+def _compression(path: Path) -> str | None:
+    from tinylm.sources import classify
+
+    kind = classify(path)
+    return kind[1] if kind else None
+
+
 def iter_jsonl(path: str | Path, hint: str = "check the path") -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object) for each non-empty line of a JSONL file.
+    """(line number, parsed object) for each non-empty line of a JSONL file (a .jsonl.gz or
+    .jsonl.zst is decompressed as it is read).
 
     Accepted and read as the plain file would be: a UTF-8 byte order mark, CRLF line ends,
     blank lines (skipped). Errors name the file and line: invalid UTF-8, invalid or too deeply
-    nested JSON, a line over `MAX_LINE_BYTES`.
+    nested JSON, a line over `MAX_LINE_BYTES`, corrupt compressed data.
     """
+    from tinylm.formats import CorruptData, open_data
+
     path = Path(path)
-    with open_file(path, hint) as f:
+    with open_data(path, _compression(path), hint) as f:
         lineno = 0
-        while raw := f.readline(MAX_LINE_BYTES + 1):
+        while True:
+            try:
+                raw = f.readline(MAX_LINE_BYTES + 1)
+            except CorruptData as exc:
+                raise _corrupt(path, f":{lineno + 1}", exc) from None
+            if not raw:
+                break
             lineno += 1
             if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                 raise TinyLMError(
@@ -215,33 +231,52 @@ def read_json(path: str | Path, hint: str = "check the path") -> Any:
     return _parse_json(read_text(path, hint), Path(path))
 
 
-def _iter_jsonl_texts(path: Path) -> Iterator[TextPiece]:
+def _iter_jsonl_texts(path: Path, field: str) -> Iterator[TextPiece]:
     for lineno, obj in iter_jsonl(path):
-        if not isinstance(obj, dict) or "text" not in obj:
-            raise TinyLMError(f'{path}:{lineno}: expected an object with a "text" key')
-        if not isinstance(obj["text"], str):
-            raise TinyLMError(f'{path}:{lineno}: "text" must be a string')
-        yield TextPiece(obj["text"], f"{path}:{lineno}", doc_end=True)
+        if not isinstance(obj, dict) or field not in obj:
+            raise TinyLMError(f'{path}:{lineno}: expected an object with a "{field}" key',
+                              None if field != "text" else "name the text key with --text-field")
+        if not isinstance(obj[field], str):
+            raise TinyLMError(f'{path}:{lineno}: "{field}" must be a string')
+        yield TextPiece(obj[field], f"{path}:{lineno}", doc_end=True)
 
 
-def iter_text(paths: Iterable[str | Path], max_chars: int = READ_BYTES) -> Iterator[TextPiece]:
-    """The documents of text files (one per file) and JSONL files (one per line's "text").
+def iter_file_pieces(file: DataFile, max_chars: int = READ_BYTES) -> Iterator[TextPiece]:
+    """The documents of one data file: the whole of a text file, each JSONL line's or parquet
+    row's text field; text files come in pieces of about `max_chars` characters."""
+    if file.kind == "jsonl":
+        yield from _iter_jsonl_texts(file.path, file.text_field)
+        return
+    if file.kind == "parquet":
+        from tinylm.formats import iter_parquet_texts
 
-    Large files come in pieces of about `max_chars` characters, cut only where a GPT-style
-    pre-tokenizer cuts anyway (before whitespace that follows a letter or digit); `doc_end`
-    marks each document's last piece.
-    """
-    for path in expand_paths(paths):
-        if path.suffix.lower() == ".jsonl":
-            yield from _iter_jsonl_texts(path)
-            continue
-        previous: str | None = None
-        for piece in _iter_file_text(path, max_chars):
-            if previous is not None:
-                yield TextPiece(previous, str(path), doc_end=False)
-            previous = piece
+        for where, text in iter_parquet_texts(file.path, file.text_field):
+            yield TextPiece(text, where, doc_end=True)
+        return
+    previous: str | None = None
+    for piece in _iter_file_text(file.path, max_chars, compression=file.compression):
         if previous is not None:
-            yield TextPiece(previous, str(path), doc_end=True)
+            yield TextPiece(previous, str(file.path), doc_end=False)
+        previous = piece
+    if previous is not None:
+        yield TextPiece(previous, str(file.path), doc_end=True)
+
+
+def iter_text(
+    paths: Iterable[DataValue], max_chars: int = READ_BYTES, text_field: str = "text"
+) -> Iterator[TextPiece]:
+    """The documents of the data files that `paths` name (tinylm.sources: text files, JSONL,
+    parquet, .gz / .zst, directories, globs): one per text file, one per JSONL line's or
+    parquet row's `text_field`.
+
+    Large text files come in pieces of about `max_chars` characters, cut only where a
+    GPT-style pre-tokenizer cuts anyway (before whitespace that follows a letter or digit);
+    `doc_end` marks each document's last piece.
+    """
+    from tinylm.sources import expand
+
+    for file in expand(paths, text_field):
+        yield from iter_file_pieces(file, max_chars)
 
 
 def check_output_dir(path: str | Path, force: bool) -> Path:

@@ -1,7 +1,9 @@
 """Reading instruction and preference data: three instruction formats, TRL's preference pairs.
 
-Instruction data is JSONL, one example a line, in one of three formats (detected per file from
-its first line; every line must then fit it):
+Instruction data is JSONL (one example a line; .jsonl.gz and .jsonl.zst too) or parquet (one
+example a row, as Hugging Face `datasets` exports them: a `messages` column of message lists
+like SmolTalk, `chosen` / `rejected` message lists like UltraFeedback), in one of three formats
+(detected per file from its first example; every example must then fit it):
 
     messages            {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
     prompt_completion   {"prompt": ..., "completion": ...}   (strings, or message lists as TRL)
@@ -9,12 +11,14 @@ its first line; every line must then fit it):
 
 All become a list of messages; the assistant turns are what the model learns to write.
 Preference data is `{"prompt", "chosen", "rejected"}` with strings or message lists, or, as TRL
-also accepts, just `{"chosen", "rejected"}` conversations whose shared start is the prompt.
+also accepts, just `{"chosen", "rejected"}` conversations whose shared start is the prompt (also
+when a "prompt" string comes with two whole conversations, as in UltraFeedback; TRL then takes
+the prompt from the conversations too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +41,32 @@ _EXPECTED = (
 )
 
 
+INSTRUCTION_COLUMNS = {"messages", "prompt", "completion", "instruction", "input", "output",
+                       "chosen", "rejected"}
+PREFERENCE_COLUMNS = {"prompt", "chosen", "rejected"}
+
+
 class BadExample(ValueError):
     """What is wrong with one line; the reader adds the file and line number."""
+
+
+def iter_records(path: str | Path, columns: set[str]) -> Iterator[tuple[str, Any]]:
+    """(where, object) for each example of a JSONL file ("file:line") or a parquet file
+    ("file: row group G, row R"; only `columns`, null values left out)."""
+    from tinylm.sources import classify
+
+    path = Path(path)
+    if (classify(path) or ("",))[0] != "parquet":
+        for lineno, obj in iter_jsonl(path):
+            yield f"{path}:{lineno}", obj
+        return
+    from tinylm.formats import iter_parquet_rows, open_parquet
+
+    names = open_parquet(path).schema_arrow.names
+    if not columns & set(names):
+        raise TinyLMError(f"{path}: no column of an instruction or preference format "
+                          f"(columns: {', '.join(names) or 'none'})", _EXPECTED)
+    yield from iter_parquet_rows(path, columns)
 
 
 @dataclass(frozen=True)
@@ -143,16 +171,17 @@ def to_messages(obj: dict[str, Any], fmt: str) -> tuple[Message, ...]:
 
 
 def read_conversations(path: str | Path) -> list[Conversation]:
-    """All examples of an instruction JSONL file; the format is detected from the first line.
+    """All examples of an instruction JSONL or parquet file; the format is detected from the
+    first example.
 
-    Raises `TinyLMError` naming `file:line` for bad JSON, a line that fits no format (or not the
-    file's format), a wrong role or an empty assistant turn, and for a file with no examples.
+    Raises `TinyLMError` naming `file:line` (or row group and row) for bad JSON, an example that
+    fits no format (or not the file's format), a wrong role or an empty assistant turn, and for
+    a file with no examples.
     """
     path = Path(path)
     fmt: str | None = None
     conversations = []
-    for lineno, obj in iter_jsonl(path):
-        where = f"{path}:{lineno}"
+    for where, obj in iter_records(path, INSTRUCTION_COLUMNS):
         if not isinstance(obj, dict):
             raise TinyLMError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         found = detect_format(obj)
@@ -184,16 +213,25 @@ def _shared_prefix(a: Sequence[Message], b: Sequence[Message]) -> int:
     return n
 
 
+def _is_conversation(value: Any) -> bool:
+    """A message list that starts before the answer (with a user or system turn)."""
+    return (isinstance(value, list) and bool(value) and isinstance(value[0], dict)
+            and value[0].get("role") in ("user", "system"))
+
+
 def to_pair(obj: Any) -> tuple[tuple[Message, ...], tuple[Message, ...], tuple[Message, ...]]:
     """A parsed preference line as (prompt, chosen, rejected) message tuples."""
     if not isinstance(obj, dict) or "chosen" not in obj or "rejected" not in obj:
         raise BadExample('expected {"prompt", "chosen", "rejected"} (strings or message lists)')
-    if "prompt" in obj:
+    whole = (isinstance(obj.get("prompt"), str) and _is_conversation(obj["chosen"])
+             and _is_conversation(obj["rejected"]))
+    if "prompt" in obj and not whole:
         prompt = _as_turns(obj["prompt"], "prompt", "user")
         chosen = _as_turns(obj["chosen"], "chosen", "assistant")
         rejected = _as_turns(obj["rejected"], "rejected", "assistant")
     else:
-        # TRL's implicit prompt: two whole conversations whose shared start is the prompt.
+        # TRL's implicit prompt: two whole conversations whose shared start is the prompt (a
+        # "prompt" string beside them, as UltraFeedback has, repeats their first user turn).
         whole_chosen = _as_turns(obj["chosen"], "chosen", "assistant")
         whole_rejected = _as_turns(obj["rejected"], "rejected", "assistant")
         n = _shared_prefix(whole_chosen, whole_rejected)
@@ -208,11 +246,11 @@ def to_pair(obj: Any) -> tuple[tuple[Message, ...], tuple[Message, ...], tuple[M
 
 
 def read_preference_pairs(path: str | Path) -> list[PreferencePair]:
-    """All pairs of a preference JSONL file; `TinyLMError` with `file:line` for a bad line."""
+    """All pairs of a preference JSONL or parquet file; `TinyLMError` naming `file:line` (or
+    row group and row) for a bad example."""
     path = Path(path)
     pairs = []
-    for lineno, obj in iter_jsonl(path):
-        where = f"{path}:{lineno}"
+    for where, obj in iter_records(path, PREFERENCE_COLUMNS):
         try:
             prompt, chosen, rejected = to_pair(obj)
         except BadExample as exc:

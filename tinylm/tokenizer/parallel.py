@@ -4,7 +4,8 @@ With the C accelerator and a built-in pattern, threads do the work: the C code r
 while it scans text, and threads share memory, so nothing is copied or pickled. The pure-Python
 code holds the GIL, so it (and a custom regex) uses processes instead: forked on Linux, spawned
 elsewhere (the worker functions live at module level for that). Submissions are bounded, so a
-corpus larger than memory streams through.
+corpus larger than memory streams through: `encode_stream` keeps at most two groups of text per
+worker in flight while the caller reads the next ones, and hands back packed ids, never lists.
 """
 
 from __future__ import annotations
@@ -120,6 +121,67 @@ def init_encode_worker(tokenizer: Any) -> None:
 def encode_task(texts: list[str], allowed_special: Any) -> list[bytes]:
     """Process worker: each text's ids as packed uint32 (much cheaper to send than int lists)."""
     return [_worker_tokenizer.encode_packed(t, allowed_special) for t in texts]
+
+
+# Texts shorter than this are encoded together in one call (the C encoder keeps the GIL for a
+# text of fewer than 2,048 bytes, so one call per short document would serialise the threads).
+SHORT_CHARS = 2048
+
+
+def pack_group(
+    tokenizer: Any, texts: list[str], ends: list[bool], allowed_special: Any, dtype: str
+) -> bytes:
+    """The ids of `texts` in order, the end-of-text id after each text whose `ends` is True,
+    as the bytes of a `dtype` ("uint16" or "uint32") array."""
+    import numpy as np
+
+    short = [i for i, text in enumerate(texts) if len(text) < SHORT_CHARS]
+    short_ids = dict(zip(short, tokenizer.encode_many([texts[i] for i in short],
+                                                      allowed_special), strict=True))
+    ids = array("I")
+    eot = tokenizer.eot_id
+    for i, (text, end) in enumerate(zip(texts, ends, strict=True)):
+        if i in short_ids:
+            ids.extend(short_ids[i])
+        else:
+            ids.frombytes(tokenizer.encode_packed(text, allowed_special))
+        if end:
+            ids.append(eot)
+    if dtype == "uint32":
+        return ids.tobytes()
+    return np.frombuffer(ids, dtype=np.uint32).astype(dtype).tobytes()
+
+
+def pack_task(texts: list[str], ends: list[bool], allowed_special: Any, dtype: str) -> bytes:
+    """Process worker: `pack_group` with the worker's tokenizer."""
+    return pack_group(_worker_tokenizer, texts, ends, allowed_special, dtype)
+
+
+def encode_stream(
+    tokenizer: Any, groups: Iterable[tuple[list[str], list[bool]]], allowed_special: Any,
+    dtype: str, workers: int | None = None,
+) -> Iterator[bytes]:
+    """`pack_group` of each (texts, ends) group, in order, on `workers` threads or processes
+    (default: all cores); `groups` is read lazily, at most 2 x workers groups at a time."""
+    workers = workers or available_cpus()
+    if workers <= 1:
+        for texts, ends in groups:
+            yield pack_group(tokenizer, texts, ends, allowed_special, dtype)
+        return
+    if uses_threads(tokenizer.pattern):
+        local = threading.local()
+
+        def pack_in_thread(texts: list[str], ends: list[bool]) -> bytes:
+            if not hasattr(local, "tokenizer"):  # each thread has its own encoder and cache
+                local.tokenizer = type(tokenizer)(tokenizer._state)
+            return pack_group(local.tokenizer, texts, ends, allowed_special, dtype)
+
+        with ThreadPoolExecutor(workers) as pool:
+            yield from bounded_map(pool, pack_in_thread, groups, 2 * workers)
+        return
+    tasks = ((texts, ends, allowed_special, dtype) for texts, ends in groups)
+    with executor(workers, False, init_encode_worker, (tokenizer,)) as pool:
+        yield from bounded_map(pool, pack_task, tasks, 2 * workers)
 
 
 def unpack_ids(data: bytes) -> list[int]:
