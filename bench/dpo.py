@@ -1,12 +1,13 @@
 """DPO benchmark: peak memory and step time of full DPO, --precompute-ref and LoRA DPO, on CPU.
 
-    .venv/bin/python bench/dpo.py --threads 1          # ~3 min idle; writes bench/results.md
-    .venv/bin/python bench/dpo.py --presets small --steps 12 --warmup 2 --no-write
+    .venv/bin/python bench/dpo.py --threads 1          # ~6 min idle; writes bench/results.md
+    .venv/bin/python bench/dpo.py --presets small --steps 6 --repeats 2 --no-write
 
 Each configuration (preset x full / full with precompute_ref / LoRA) runs in a fresh subprocess
 through the library API (`tinylm.dpo.dpo`) on a random-init run of the preset (its vocabulary
 size, byte tokens), on synthetic preference pairs generated in-script. Memory and time are
-measured as in bench/finetune.py (ru_maxrss delta; mean step time after `--warmup` steps). With
+measured as in bench/finetune.py (the worker's own peak RSS over its baseline; CPU step times
+after `--warmup` steps, `--repeats` runs of each configuration: medians and spread). With
 precompute_ref the reference pass over the training pairs happens before the first step, so it
 is in the memory but not in the step time. With trl installed, the small preset also goes
 through TRL's DPOTrainer on the exported model with the same pairs, batch, lengths, beta, loss
@@ -27,23 +28,28 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune import (  # noqa: E402  (bench/finetune.py, the shared measuring code)
+    MEMORY_TEXT,
     RESULTS,
-    best_of,
+    check_memory,
     common_overrides,
     environment,
+    for_preset,
     make_base,
     parse,
     ratios,
+    repeated,
+    repeats_text,
     sentence,
+    steps_text,
     table,
     worker,
     write_section,
 )
 from trl_peer import (  # noqa: E402
     BatchRecorder,
+    MemoryProbe,
     StepClock,
     peer_lines,
-    rss_mb,
     trl_args,
     trl_specs,
 )
@@ -129,7 +135,8 @@ def trl_dpo_worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     work, t = Path(spec["work"]), spec["trl"]
     hf_dir = work / f"hf-{spec['preset']}"  # exported by trl_specs
-    before = rss_mb()
+    memory = MemoryProbe()
+    memory.start()
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     config = DPOConfig(
@@ -158,8 +165,7 @@ def trl_dpo_worker(spec: dict[str, Any]) -> dict[str, Any]:
         for k in ("chosen_ids", "rejected_ids")
     ]
     return {
-        "peak_mb": rss_mb(),
-        "delta_mb": rss_mb() - before,
+        **memory.result(),
         "total_s": total,
         **clock.result(spec["warmup"]),
         **recorder.result(spec["warmup"]),
@@ -182,7 +188,10 @@ def dpo_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     parser = parse(__doc__.splitlines()[0])
-    parser.set_defaults(steps=3, warmup=1, trl_defaults=False)  # ~3 min on an idle machine
+    # ~6 min on an idle machine: the small preset 3 runs of 10 steps a configuration (tinylm
+    # and TRL alike), gpt2-124m (~8 s a full step on one thread) one run of 5 for its memory
+    parser.set_defaults(steps=10, warmup=2, repeats=3, large_steps=5, large_repeats=1,
+                        trl_defaults=False)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(dpo_worker(json.loads(args.worker))))
@@ -192,7 +201,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         # enough pairs for every step (precompute_ref scores all of them before training)
-        data = write_pairs(work / "pairs.jsonl", max(8, args.steps * args.batch))
+        steps = max(args.steps, args.large_steps or 0)
+        data = write_pairs(work / "pairs.jsonl", max(8, steps * args.batch))
         common = {
             "work": str(work),
             "data": str(data),
@@ -201,6 +211,7 @@ def main() -> None:
         }
         for preset in args.presets:
             params[preset] = make_base(preset, work / f"base-{preset}", args.seq)
+            sized = for_preset(args, params[preset])
             specs = [
                 {
                     **common,
@@ -208,26 +219,26 @@ def main() -> None:
                     "preset": preset,
                     "mode": mode,
                     "name": f"{preset}-{mode.replace(', ', '-')}",
-                    "overrides": common_overrides(args) + extra,
+                    "overrides": common_overrides(sized) + extra,
                 }
                 for mode, extra in MODES
             ]
             if preset == "small" and not args.no_trl and importlib.util.find_spec("trl"):
-                specs += trl_specs(args, common, "trl-dpo", 5e-5)  # tinylm's full DPO lr
-            rows += best_of(specs, args.repeats, __file__)
+                specs += trl_specs(sized, common, "trl-dpo", 5e-5)  # tinylm's full DPO lr
+            rows += repeated(specs, sized.repeats, __file__)
             print("\n".join(table(rows[-len(specs) :], params)[2:]), flush=True)
+    check_memory(rows, params)
     command = "python bench/dpo.py " + " ".join(sys.argv[1:])
     lines = ratios(rows, "full") + [""] + environment(command.strip(), args.threads)
     lines += [
         f"Setup: random-init runs of each preset (the preset's vocabulary, byte tokens), "
         f"{args.batch} synthetic preference pairs per step in one micro-batch (chosen and "
         f"rejected in one forward), at most {args.seq} next-token positions per side, "
-        f"sigmoid loss, beta 0.1, {args.steps} steps of which the first {args.warmup} "
+        f"sigmoid loss, beta 0.1, {steps_text(args)} of which the first {args.warmup} "
         "are not timed (CPU and wall time from one optimizer step's end to the next, as in "
-        "the finetune section); each "
-        "configuration in a fresh process. RSS delta: peak RSS minus the RSS after "
-        "importing the libraries, before loading the model (full DPO holds a second copy "
-        "of the model as reference; precompute_ref and LoRA do not). TRL: DPOTrainer on "
+        f"the finetune section); each configuration in a fresh process, round-robin, "
+        f"{repeats_text(args)}. {MEMORY_TEXT} Full DPO holds a second copy "
+        "of the model as reference; precompute_ref and LoRA do not. TRL: DPOTrainer on "
         "the exported model, the same pairs as conversational rows, max_length = "
         "positions + 1, precompute_ref_log_probs off, lr 5e-5 as tinylm, the "
         "TrainingArguments of the finetune section (float32, no gradient checkpointing, "

@@ -6,10 +6,13 @@
 Each configuration (preset x full/LoRA) runs in a fresh subprocess through the library API
 (`tinylm.finetune.finetune`) on a random-init run of the preset (its own vocabulary size, with
 byte-level tokens), on synthetic chat data generated in-script. Peak memory: the subprocess's
-`ru_maxrss` at the end minus its value after the libraries are imported, just before the model
-is loaded, so the delta covers the model, optimizer state, activations and reference copies.
-Step time: the wall time from one optimizer step's end to the next (metrics.jsonl's elapsed_s),
-the first `--warmup` steps dropped. Printed: each row, and the ratios LoRA / full per preset.
+own peak RSS (VmHWM, reset through /proc/self/clear_refs once the libraries are imported, just
+before the model is loaded) minus its RSS at that point, so the delta covers the model,
+optimizer state, activations and reference copies (not ru_maxrss: a child inherits its parent's
+peak through fork and exec). A delta below the float32 weights' bytes stops the bench.
+Step time: CPU and wall time from one optimizer step's end to the next, the first `--warmup`
+steps dropped; each configuration runs `--repeats` times (round-robin): medians, and the spread
+of the runs and of single steps. Printed: each row, and the ratios LoRA / full per preset.
 
 With trl installed, the small preset also goes through TRL's SFTTrainer on the exported model
 (tinylm.interop.export_hf): the same chats (checked token by token, with the same trained-on
@@ -29,6 +32,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,9 +42,9 @@ from typing import Any
 
 from trl_peer import (  # bench/trl_peer.py: the TRL side and the step clock
     SFT_REMAINS,
+    MemoryProbe,
     StepClock,
     peer_lines,
-    rss_mb,
     trl_sft_worker,
     trl_specs,
 )
@@ -48,6 +52,7 @@ from trl_peer import (  # bench/trl_peer.py: the TRL side and the step clock
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results.md"
 LOAD = os.getloadavg()
+LARGE_PARAMS = 50_000_000  # presets from here on take --large-steps and --large-repeats
 TRL_SKIP = "TRL comparison skipped: trl is not installed, the small preset was not run, or --no-trl"
 WORDS = (
     "apple river stone cloud quiet north market lamp garden silver window paper bridge "
@@ -102,6 +107,18 @@ def step_series(run_dir: Path, key: str, warmup: int) -> list[float]:
     return [b - a for a, b in zip(values, values[1:], strict=False)][warmup:]
 
 
+def for_preset(args: argparse.Namespace, n_params: int) -> argparse.Namespace:
+    """`args` with --large-steps / --large-repeats as --steps / --repeats for a preset of
+    LARGE_PARAMS or more (a 124M step takes seconds on a CPU; its memory needs one run)."""
+    if n_params < LARGE_PARAMS:
+        return args
+    return argparse.Namespace(**{
+        **vars(args),
+        "steps": args.large_steps or args.steps,
+        "repeats": args.large_repeats or args.repeats,
+    })
+
+
 def common_overrides(args: argparse.Namespace) -> list[str]:
     """Few steps, small micro-batches, no evaluation or checkpoints, CPU."""
     return [
@@ -132,7 +149,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     work = Path(spec["work"])
     run_dir = work / f"run-{spec['name']}"
-    before = rss_mb()
+    memory = MemoryProbe()
+    memory.start()
     clock = StepClock()
     start = time.perf_counter()
     train_fn(
@@ -147,8 +165,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     counts = cfg["data"]["train"]
     return {
-        "peak_mb": rss_mb(),
-        "delta_mb": rss_mb() - before,
+        **memory.result(),
         "total_s": total,
         **clock.result(spec["warmup"]),
         "trainable": cfg.get("parameters", {}).get("trainable"),
@@ -172,18 +189,67 @@ def run_config(spec: dict[str, Any], script: str = __file__) -> dict[str, Any]:
     return {**spec, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
-def best_of(specs: list[dict[str, Any]], repeats: int, script: str = __file__) -> list[dict]:
-    """Each spec run `repeats` times round-robin (load changes on a shared machine hit all of
-    them alike); per spec, the run with the lowest mean step time."""
-    best: list[dict[str, Any]] = []
-    for attempt in range(repeats):
+def repeated(specs: list[dict[str, Any]], repeats: int, script: str = __file__) -> list[dict]:
+    """Each spec run `repeats` times round-robin, each time in a fresh process (load changes on
+    a shared machine hit all of them alike); per spec, the medians over the runs and the
+    spread: `cpu_runs` (each run's mean CPU step), `spread_runs` (their half-range over the
+    median) and `spread_steps` (the standard deviation of single steps over their mean)."""
+    runs: list[list[dict[str, Any]]] = [[] for _ in specs]
+    for _ in range(repeats):
         for i, spec in enumerate(specs):
-            result = run_config(spec, script)
-            if attempt == 0:
-                best.append(result)
-            elif result["step_s"] < best[i]["step_s"]:
-                best[i] = result
-    return best
+            runs[i].append(run_config(spec, script))
+    merged = []
+    for results in runs:
+        cpu_runs = [r["cpu_s"] for r in results]
+        steps = [t for r in results for t in r["cpu_steps"]]
+        median = statistics.median(cpu_runs)
+        merged.append({
+            **results[0],
+            "cpu_s": median,
+            "step_s": statistics.median(r["step_s"] for r in results),
+            "peak_mb": statistics.median(r["peak_mb"] for r in results),
+            "delta_mb": statistics.median(r["delta_mb"] for r in results),
+            "cpu_runs": cpu_runs,
+            "spread_runs": (max(cpu_runs) - min(cpu_runs)) / 2 / median,
+            "spread_steps": statistics.pstdev(steps) / statistics.fmean(steps),
+            "repeats": len(results),
+        })
+    return merged
+
+
+def check_memory(rows: list[dict[str, Any]], params: dict[str, int]) -> None:
+    """Every configuration loads the whole model in float32 after the baseline (LoRA too: the
+    frozen base), so a delta below the parameters' bytes is a broken measurement: stop."""
+    for r in rows:
+        weights_mb = params[r["preset"]] * 4 / 2**20
+        if r["delta_mb"] < weights_mb:
+            sys.exit(
+                f"{r['preset']}, {r['mode']}: RSS delta {r['delta_mb']:,.0f} MiB is below the "
+                f"{weights_mb:,.0f} MiB of its float32 weights: the memory measurement is wrong"
+            )
+
+
+MEMORY_TEXT = (
+    "RSS delta: the process's peak RSS (VmHWM, reset at the baseline through "
+    "/proc/self/clear_refs) minus its RSS at the baseline, after importing the libraries and "
+    "before loading the model; the worker's own figures, not ru_maxrss, which a child "
+    "inherits from its parent. Checked: every delta is at least the float32 weights' bytes."
+)
+
+
+def steps_text(args: argparse.Namespace) -> str:
+    """'N steps', with the large presets' count when it differs."""
+    large = args.large_steps or args.steps
+    extra = f" ({large} for presets of 50M+ parameters)" if large != args.steps else ""
+    return f"{args.steps} steps{extra}"
+
+
+def repeats_text(args: argparse.Namespace) -> str:
+    """'N runs', with the large presets' count when it differs; medians over the runs."""
+    large = args.large_repeats or args.repeats
+    extra = f" ({large} for presets of 50M+ parameters)" if large != args.repeats else ""
+    return f"{args.repeats} runs each{extra}: medians; spread: half the range of the runs' " \
+        "mean CPU step over the median / the standard deviation of single steps over their mean"
 
 
 def environment(command: str, threads: int) -> list[str]:
@@ -201,15 +267,17 @@ def table(rows: list[dict[str, Any]], params: dict[str, int]) -> list[str]:
     """One markdown row per configuration."""
     lines = [
         "| preset | params | mode | trainable | peak RSS MiB | RSS delta MiB | step s CPU | "
-        "step s wall | steps timed | positions/step |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "spread runs / steps | step s wall | runs x steps timed | positions/step |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         trainable = f"{r['trainable']:,}" if r["trainable"] else "?"
         lines.append(
             f"| {r['preset']} | {params[r['preset']]:,} | {r['mode']} | {trainable} | "
             f"{r['peak_mb']:,.0f} | {r['delta_mb']:,.0f} | {r['cpu_s']:.3f} | "
-            f"{r['step_s']:.3f} | {r['steps_timed']} | {r['positions_per_step']:,.0f} |"
+            f"±{100 * r['spread_runs']:.1f}% / ±{100 * r['spread_steps']:.1f}% | "
+            f"{r['step_s']:.3f} | {r['repeats']} x {r['steps_timed']} | "
+            f"{r['positions_per_step']:,.0f} |"
         )
     return lines
 
@@ -269,9 +337,11 @@ def parse(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=1,
-        help="run each configuration N times, round-robin; keep the fastest",
+        default=2,
+        help="run each configuration N times, round-robin: medians and spread",
     )
+    parser.add_argument("--large-steps", type=int, help="--steps for presets of 50M+ params")
+    parser.add_argument("--large-repeats", type=int, help="--repeats for presets of 50M+")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
 
@@ -293,6 +363,7 @@ def main() -> None:
         }
         for preset in args.presets:
             params[preset] = make_base(preset, work / f"base-{preset}", args.seq)
+            sized = for_preset(args, params[preset])
             specs = [
                 {
                     **common,
@@ -300,26 +371,26 @@ def main() -> None:
                     "preset": preset,
                     "mode": mode,
                     "name": f"{preset}-{mode}",
-                    "overrides": common_overrides(args) + ["data.exact_match=0", *extra],
+                    "overrides": common_overrides(sized) + ["data.exact_match=0", *extra],
                 }
                 for mode, extra in (("full", []), ("LoRA", ["lora.enabled=true"]))
             ]
             if preset == "small" and not args.no_trl and importlib.util.find_spec("trl"):
-                specs += trl_specs(args, common, "trl-sft", 3e-4)  # tinylm's full-tuning lr
-            rows += best_of(specs, args.repeats)
+                specs += trl_specs(sized, common, "trl-sft", 3e-4)  # tinylm's full-tuning lr
+            rows += repeated(specs, sized.repeats)
             print("\n".join(table(rows[-len(specs) :], params)[2:]), flush=True)
+    check_memory(rows, params)
     command = "python bench/finetune.py " + " ".join(sys.argv[1:])
     lines = ratios(rows, "full") + [""] + environment(command.strip(), args.threads)
     lines += [
         f"Setup: random-init runs of each preset (the preset's vocabulary, byte tokens), "
         f"{args.batch} synthetic one-turn chats per step in one micro-batch, windows of "
-        f"{args.seq} tokens, AdamW, {args.steps} steps of which the first {args.warmup} "
+        f"{args.seq} tokens, AdamW, {steps_text(args)} of which the first {args.warmup} "
         "are not timed (a step: from one optimizer step's end to the next, stamped by torch's "
         "optimizer hook on both sides; CPU seconds of the process, which other work on a "
         "shared machine disturbs less than wall seconds); each configuration in a fresh "
-        "process. RSS "
-        "delta: peak RSS minus the RSS after importing the libraries, before loading the "
-        "model. TRL: SFTTrainer on the exported model (tinylm.interop.export_hf), the same "
+        f"process, round-robin, {repeats_text(args)}. {MEMORY_TEXT} TRL: SFTTrainer on the "
+        "exported model (tinylm.interop.export_hf), the same "
         "chats as conversational prompt-completion rows (completion_only_loss: the "
         "answer and its <|im_end|>, as tinylm), max_length = window + 1 ids, no packing "
         "or padding-free, same lr, schedule, AdamW betas, decay and clipping; matched: "

@@ -16,9 +16,47 @@ from pathlib import Path
 from typing import Any
 
 
-def rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mb(field: str) -> float:
+    """A VmRSS / VmHWM line of /proc/self/status, in MiB (Linux reports kB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field} (these benches need Linux)")
+
+
+class MemoryProbe:
+    """Peak memory of what runs after `start()`, measured by this process alone.
+
+    ru_maxrss is no use here: Linux carries a parent's peak over fork and exec into the child
+    (a worker started by a parent that built the 124M base began at ~856 MiB whatever it did).
+    VmHWM, the high-water mark of this process's own address space, starts afresh at exec, and
+    writing 5 to /proc/self/clear_refs resets it to the current RSS, so peak - baseline is what
+    the measured work added on top of the imported libraries."""
+
+    def __init__(self) -> None:
+        self.maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.baseline_mb = 0.0
+        self.reset = False
+
+    def start(self) -> None:
+        """Baseline: the current RSS; the peak from here on."""
+        self.baseline_mb = _status_mb("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.reset = True
+        except OSError:  # kernels before 4.0; VmHWM then also counts the imports' own peak
+            self.reset = False
+
+    def result(self) -> dict[str, Any]:
+        """peak_mb (VmHWM), delta_mb (peak - baseline) and how they were measured."""
+        peak = _status_mb("VmHWM")
+        return {
+            "peak_mb": peak,
+            "delta_mb": peak - self.baseline_mb,
+            "baseline_mb": self.baseline_mb,
+            "peak_reset": self.reset,
+            "ru_maxrss_at_baseline_mb": self.maxrss_mb,
+        }
 
 
 def trl_args(t: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -90,6 +128,7 @@ class StepClock:
             "step_s": sum(wall) / len(wall),
             "cpu_s": sum(cpu) / len(cpu),
             "steps_timed": len(wall),
+            "cpu_steps": cpu,  # each timed step's CPU seconds, for the spread
         }
 
 
@@ -150,7 +189,8 @@ def trl_sft_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     work, t = Path(spec["work"]), spec["trl"]
     hf_dir = work / f"hf-{spec['preset']}"  # exported by trl_specs
-    before = rss_mb()
+    memory = MemoryProbe()
+    memory.start()
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     # max_length seq + 1 ids: seq next-token positions per example, tinylm's window
@@ -173,8 +213,7 @@ def trl_sft_worker(spec: dict[str, Any]) -> dict[str, Any]:
     total = time.perf_counter() - start
     labels = [[x != -100 for x in r["labels"]] for r in trainer.train_dataset]
     return {
-        "peak_mb": rss_mb(),
-        "delta_mb": rss_mb() - before,
+        **memory.result(),
         "total_s": total,
         **clock.result(spec["warmup"]),
         **recorder.result(spec["warmup"]),
@@ -242,6 +281,13 @@ def same_work_line(ours: dict[str, Any], peer: dict[str, Any]) -> str:
     )
 
 
+def ratio_range(ours: dict[str, Any], peer: dict[str, Any]) -> str:
+    """The lowest and highest ratio of one run's mean CPU step to the peer's run of the same
+    round (the rounds ran one after the other, so a pair shared the machine's load)."""
+    pairs = [a / b for a, b in zip(ours["cpu_runs"], peer["cpu_runs"], strict=False)]
+    return f"{min(pairs):.2f} to {max(pairs):.2f}"
+
+
 def peer_lines(
     rows: list[dict[str, Any]], stage: str, ours_mode: str, peer: str, remains: str
 ) -> list[str]:
@@ -252,8 +298,9 @@ def peer_lines(
     ours = next(r for r in rows if r["preset"] == "small" and r["mode"] == ours_mode)
     lines = [
         f"- small, {ours_mode}: tinylm / TRL {peer} with matched settings: step time CPU "
-        f"**{ours['cpu_s'] / matched['cpu_s']:.2f}** "
-        f"(wall {ours['step_s'] / matched['step_s']:.2f}), RSS delta "
+        f"**{ours['cpu_s'] / matched['cpu_s']:.2f}** (median of {ours['repeats']} runs a "
+        f"side; run by run {ratio_range(ours, matched)}; "
+        f"wall {ours['step_s'] / matched['step_s']:.2f}), RSS delta "
         f"{ours['delta_mb'] / matched['delta_mb']:.2f}, peak RSS "
         f"{ours['peak_mb'] / matched['peak_mb']:.2f}",
         same_work_line(ours, matched),
@@ -263,7 +310,8 @@ def peer_lines(
         lines.append(
             f"- with TRL's own defaults (bf16 autocast, gradient checkpointing, "
             f"logging every 10 steps): tinylm / TRL step time CPU "
-            f"**{ours['cpu_s'] / defaults['cpu_s']:.2f}** (wall "
+            f"**{ours['cpu_s'] / defaults['cpu_s']:.2f}** (run by run "
+            f"{ratio_range(ours, defaults)}; wall "
             f"{ours['step_s'] / defaults['step_s']:.2f}); TRL defaults / TRL matched "
             f"{defaults['cpu_s'] / matched['cpu_s']:.1f}x"
         )
