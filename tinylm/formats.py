@@ -143,11 +143,14 @@ def text_column(parquet: Any, path: Path, field: str) -> None:
                           "name the text column with --text-field")
 
 
-def _row_group(parquet: Any, path: Path, group: int, columns: list[str]) -> Any:
+def _batches(parquet: Any, path: Path, group: int, columns: list[str]) -> Iterator[Any]:
+    """Row group `group` in record batches of ROWS_PER_SLICE rows, only `columns`; an error
+    names the row group when its data cannot be read."""
     import pyarrow as pa
 
     try:
-        return parquet.read_row_group(group, columns=columns)
+        yield from parquet.iter_batches(ROWS_PER_SLICE, row_groups=[group], columns=columns,
+                                        use_threads=False)
     except (OSError, pa.ArrowException) as exc:
         raise TinyLMError(f"{path}: row group {group}: cannot read it ({exc})", _DAMAGED) from None
 
@@ -159,20 +162,18 @@ def iter_parquet_texts(path: str | Path, field: str) -> Iterator[tuple[str, str]
     text_column(parquet, path, field)
     row = 0
     for group in range(parquet.num_row_groups):
-        column = _row_group(parquet, path, group, [field]).column(0)
-        for chunk in column.chunks:
-            for start in range(0, len(chunk), ROWS_PER_SLICE):
-                try:
-                    values = chunk.slice(start, ROWS_PER_SLICE).to_pylist()
-                except UnicodeDecodeError:
-                    raise TinyLMError(f"{path}: row group {group}: a string in column "
-                                      f'"{field}" is not valid UTF-8', _DAMAGED) from None
-                for text in values:
-                    if text is None:
-                        raise TinyLMError(f'{path}: row group {group}, row {row}: "{field}" '
-                                          "is null", "drop the row or fill in its text")
-                    yield f"{path}: row group {group}, row {row}", text
-                    row += 1
+        for batch in _batches(parquet, path, group, [field]):
+            try:
+                values = batch.column(0).to_pylist()
+            except UnicodeDecodeError:
+                raise TinyLMError(f'{path}: row group {group}: a string in column "{field}" '
+                                  "is not valid UTF-8", _DAMAGED) from None
+            for text in values:
+                if text is None:
+                    raise TinyLMError(f'{path}: row group {group}, row {row}: "{field}" is null',
+                                      "drop the row or fill in its text")
+                yield f"{path}: row group {group}, row {row}", text
+                row += 1
 
 
 def iter_parquet_rows(path: str | Path, columns: set[str] | None = None
@@ -181,13 +182,11 @@ def iter_parquet_rows(path: str | Path, columns: set[str] | None = None
     all) and without null values, so a row reads like a JSONL object."""
     path = Path(path)
     parquet = open_parquet(path)
-    names = parquet.schema_arrow.names
-    wanted = [n for n in names if columns is None or n in columns]
+    wanted = [n for n in parquet.schema_arrow.names if columns is None or n in columns]
     row = 0
     for group in range(parquet.num_row_groups):
-        table = _row_group(parquet, path, group, wanted)
-        for start in range(0, table.num_rows, ROWS_PER_SLICE):
-            for obj in table.slice(start, ROWS_PER_SLICE).to_pylist():
+        for batch in _batches(parquet, path, group, wanted):
+            for obj in batch.to_pylist():
                 yield (f"{path}: row group {group}, row {row}",
                        {k: v for k, v in obj.items() if v is not None})
                 row += 1

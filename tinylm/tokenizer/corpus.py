@@ -1,16 +1,18 @@
 """Training text from files: an even sample under --max-bytes, and a held-out slice.
 
-Files are streamed piece by piece (tinylm.textio), so a corpus larger than memory works; only
-the held-out slice (at most HOLDOUT_CAP bytes) is kept.
+Files of every kind (text, JSONL, parquet, .gz / .zst; tinylm.sources) are streamed piece by
+piece (tinylm.textio), so a corpus larger than memory works; only the held-out slice (at most
+HOLDOUT_CAP bytes) is kept. Under --max-bytes, weighted sources (`web.parquet:0.8`) give each
+source its weight's share of the sample; else the sample follows the files' sizes on disk.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from tinylm.textio import expand_paths, iter_text
+from tinylm.sources import DataValue, mixture_weights, resolve_sources, source_files
+from tinylm.textio import iter_file_pieces
 
 HOLDOUT_CAP = 2_000_000  # bytes of held-out text kept at most
 
@@ -30,24 +32,43 @@ def _truncate_bytes(text: str, limit: int) -> str:
     return prefix[:cut] if cut > 0 else prefix
 
 
+def _spread(limit: int, sizes: list[int]) -> list[int | None]:
+    """`limit` bytes spread over files in proportion to their sizes (None: read it all)."""
+    total = sum(sizes)
+    if limit >= total:
+        return [None] * len(sizes)
+    budgets: list[int | None] = []
+    seen = 0
+    for size in sizes:
+        start = limit * seen // total
+        seen += size
+        budgets.append(limit * seen // total - start)
+    return budgets
+
+
 @dataclass
 class CorpusReader:
     """Streams the training text of files; fills `held_out` as it goes.
 
     `max_bytes` spreads the sample over the files in proportion to their sizes (each file's
-    beginning); `holdout` is the fraction of each piece's tail (cut at a line break or space)
-    kept apart for measuring bytes/token, until HOLDOUT_CAP bytes are held out.
+    beginning), over weighted sources by weight first; `holdout` is the fraction of each
+    piece's tail (cut at a line break or space) kept apart for measuring bytes/token, until
+    HOLDOUT_CAP bytes are held out.
     """
 
-    paths: Iterable[str | Path]
+    paths: Iterable[DataValue]
     max_bytes: int | None = None
     holdout: float = 0.0
     held_out: list[str] = field(default_factory=list)
     held_out_bytes: int = 0
 
     def __post_init__(self) -> None:
-        self.files = expand_paths(self.paths)
-        self.sizes = [f.stat().st_size for f in self.files]
+        sources = resolve_sources(self.paths)
+        files_of = [source_files(s) for s in sources]
+        self.files = [f for files in files_of for f in files]
+        self.sizes = [f.path.stat().st_size for f in self.files]
+        self._weights = mixture_weights(sources)
+        self._counts = [len(files) for files in files_of]
 
     @property
     def total_bytes(self) -> int:
@@ -56,15 +77,18 @@ class CorpusReader:
         return min(total, self.max_bytes) if self.max_bytes is not None else total
 
     def _budgets(self) -> list[int | None]:
-        total = sum(self.sizes)
-        if self.max_bytes is None or self.max_bytes >= total:
+        if self.max_bytes is None:
             return [None] * len(self.files)
+        if self._weights is None:
+            return _spread(self.max_bytes, self.sizes)
         budgets: list[int | None] = []
-        seen = 0
-        for size in self.sizes:
-            start = self.max_bytes * seen // total
-            seen += size
-            budgets.append(self.max_bytes * seen // total - start)
+        first, seen = 0, 0.0
+        for count, weight in zip(self._counts, self._weights, strict=True):
+            start = round(self.max_bytes * seen)  # cumulative: the shares add up to max_bytes
+            seen += weight
+            share = round(self.max_bytes * seen) - start
+            budgets += _spread(share, self.sizes[first:first + count])
+            first += count
         return budgets
 
     def _split_holdout(self, text: str) -> str:
@@ -83,7 +107,7 @@ class CorpusReader:
             if budget == 0:
                 continue
             left = budget
-            for piece in iter_text([path]):
+            for piece in iter_file_pieces(path):
                 text = piece.text
                 if left is not None:
                     size = len(text.encode("utf-8", "surrogatepass"))
