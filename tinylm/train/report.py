@@ -43,10 +43,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Appends records to RUN/metrics.jsonl, flushed line by line so a crash loses nothing."""
+    """Appends records to RUN/metrics.jsonl, flushed line by line so a crash loses nothing;
+    `trackers` (`tinylm.train.trackers`) get every record too."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
-        self.path = Path(run_dir) / METRICS_FILE
+    def __init__(self, run_dir: Path, resume_step: int | None, trackers: Any = None) -> None:
+        self.path, self.trackers = Path(run_dir) / METRICS_FILE, trackers
         # On resume, the lines a killed run wrote after its last checkpoint are replayed, so
         # they are dropped first; a fresh run starts an empty file.
         kept = []
@@ -59,10 +60,14 @@ class MetricsLog:
         """Append one record."""
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file and end the trackers' runs."""
         self._file.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> None:
