@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from finetune import (  # noqa: E402  (bench/finetune.py, the shared measuring code)
     MEMORY_TEXT,
     RESULTS,
+    baseline_note,
     check_memory,
     common_overrides,
     environment,
@@ -247,7 +248,7 @@ def main() -> None:
         f"{time.perf_counter() - started:.0f} s.",
         "",
     ]
-    lines += table(rows, params) + [""]
+    lines += table(rows, params) + ["", baseline_note(rows)]
     lines += peer_lines(rows, "trl-dpo", "full", "DPOTrainer", DPO_REMAINS) or [TRL_SKIP]
     section = "\n".join(lines)
     print(section)

@@ -217,6 +217,25 @@ def repeated(specs: list[dict[str, Any]], repeats: int, script: str = __file__) 
     return merged
 
 
+def baseline_note(rows: list[dict[str, Any]]) -> str:
+    """What the old measure would have started from: ru_maxrss at the baseline (a peak the
+    worker inherits from the parent) next to the RSS the deltas start from, per preset."""
+    parts = []
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        mine = [r for r in rows if r["preset"] == preset]
+        parts.append(
+            f"{preset} {min(r['baseline_mb'] for r in mine):,.0f}-"
+            f"{max(r['baseline_mb'] for r in mine):,.0f} MiB (ru_maxrss "
+            f"{min(r['ru_maxrss_at_baseline_mb'] for r in mine):,.0f}-"
+            f"{max(r['ru_maxrss_at_baseline_mb'] for r in mine):,.0f})"
+        )
+    return (
+        "- baselines: RSS at the baseline " + "; ".join(parts) + ". ru_maxrss, in brackets, "
+        "holds the peak a worker inherits from the parent that built the base run; the "
+        "deltas above start from the RSS"
+    )
+
+
 def check_memory(rows: list[dict[str, Any]], params: dict[str, int]) -> None:
     """Every configuration loads the whole model in float32 after the baseline (LoRA too: the
     frozen base), so a delta below the parameters' bytes is a broken measurement: stop."""
@@ -397,7 +416,7 @@ def main() -> None:
         "float32, no gradient checkpointing, fused torch.optim.AdamW, no logging or saving.",
         "",
     ]
-    lines += table(rows, params) + [""]
+    lines += table(rows, params) + ["", baseline_note(rows)]
     trl_lines = peer_lines(rows, "trl-sft", "full", "SFTTrainer", SFT_REMAINS)
     lines += trl_lines or [TRL_SKIP]
     section = "\n".join(lines)
