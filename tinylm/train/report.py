@@ -70,26 +70,43 @@ class MetricsLog:
             self.trackers.close()
 
 
-def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Training and validation loss against steps, as a PNG (written atomically)."""
+def curves_figure(runs: list[tuple[str, list[dict[str, Any]]]], title: str, x: str = "step",
+                  metrics: tuple[str, ...] = ("loss", "val_loss")) -> Any:
+    """A matplotlib figure of `metrics` against `x` ("step" or "tokens") for each (label,
+    records) run, one colour per run; the one place tinylm draws curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot([s for s, _ in train], [v for _, v in train], label="train loss", linewidth=1)
-    if val:
-        ax.plot([s for s, _ in val], [v for _, v in val], label="val loss", marker="o")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")  # nats per token, except DPO: per pair
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, records) in enumerate(runs):
+        for metric in metrics:
+            points = [(r[x], r[metric]) for r in records if metric in r and x in r]
+            if not points:
+                continue
+            name = "train loss" if metric == "loss" else metric.replace("_", " ")
+            style = {"marker": "o", "linestyle": "--"} if metric.startswith("val_") else \
+                {"linewidth": 1}
+            colour = {"color": colours[i % len(colours)]} if len(runs) > 1 else {}
+            ax.plot([p for p, _ in points], [v for _, v in points],
+                    label=f"{label}: {name}" if label else name, **style, **colour)
+    ax.set_xlabel(x)
+    # nats per token, except DPO: per pair
+    ax.set_ylabel("loss" if all("loss" in m for m in metrics) else ", ".join(metrics))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write `fig` as a PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -98,6 +115,11 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> No
     finally:
         plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Training and validation loss against steps, as a PNG (written atomically)."""
+    save_figure(curves_figure([("", records)], title), path)
 
 
 def write_report(
