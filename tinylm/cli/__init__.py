@@ -14,6 +14,7 @@ from tinylm.cli import (  # noqa: F401
     info,
     pretrain,
     quickstart,
+    rl,
     serve,
     tokenize,
 )

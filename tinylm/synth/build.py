@@ -117,10 +117,22 @@ def build_dataset(seed: int, spec: SizeSpec) -> dict[str, Any]:
     prefs = [_pair(rng, f, pools) for f in pref_facts[: spec.prefs]]
     prefs_eval = [_pair(rng, f, pools) | _key(f) for f in held_out]
     rng.shuffle(prefs_eval)
+    # RL prompts (`tinylm rl --reward exact`): one question per training fact, and the very
+    # questions of sft_eval. Their own generator, so the other files stay as they were.
+    rl_rng = random.Random(f"{seed}/rl")
+    rl = [{"prompt": question(f, rl_rng.randrange(len(RELATIONS[f.relation].questions)))}
+          | _key(f) for f in train]
+    rl_rng.shuffle(rl)
+    rl_eval = [{"prompt": row["messages"][0]["content"]} | _key_of(row) for row in sft_eval]
     return {
         "world": world, "facts": facts, "held_out": held, "counts": counts, "corpus": corpus,
         "sft": sft, "sft_eval": sft_eval, "prefs": prefs, "prefs_eval": prefs_eval,
+        "rl": rl, "rl_eval": rl_eval,
     }
+
+
+def _key_of(row: dict[str, Any]) -> dict[str, str]:
+    return {k: row[k] for k in ("answer", "subject", "relation")}
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> str:
@@ -159,6 +171,8 @@ def synthesize(
         "sft_eval_examples": len(data["sft_eval"]),
         "prefs_pairs": len(data["prefs"]),
         "prefs_eval_pairs": len(data["prefs_eval"]),
+        "rl_prompts": len(data["rl"]),
+        "rl_eval_prompts": len(data["rl_eval"]),
     }
     relations = Counter(f.relation for f in data["facts"])
     files = {
@@ -168,6 +182,8 @@ def synthesize(
         "sft_eval.jsonl": _jsonl(data["sft_eval"]),
         "prefs.jsonl": _jsonl(data["prefs"]),
         "prefs_eval.jsonl": _jsonl(data["prefs_eval"]),
+        "rl.jsonl": _jsonl(data["rl"]),
+        "rl_eval.jsonl": _jsonl(data["rl_eval"]),
         # Last: a README in the directory means every file before it was written.
         "README.md": readme(stats, relations, data["sft"][0], data["prefs"][0]),
     }
