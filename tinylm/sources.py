@@ -153,6 +153,13 @@ def resolve_sources(
     return sources
 
 
+def unweighted(values: Iterable[DataValue], text_field: str = DEFAULT_TEXT_FIELD
+               ) -> list[Source]:
+    """The values as Sources without their weights: a sample of them follows the files' sizes
+    (pretraining's tokenizer, which must not read past each file's training part)."""
+    return [Source(s.spec, None, s.text_field) for s in resolve_sources(values, text_field)]
+
+
 def expand(values: Iterable[DataValue], text_field: str = DEFAULT_TEXT_FIELD) -> list[DataFile]:
     """Every data file of the values, in order (weights are ignored here)."""
     return [f for s in resolve_sources(values, text_field) for f in source_files(s)]

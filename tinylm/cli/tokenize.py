@@ -28,10 +28,11 @@ def parse_size(text: str) -> int:
 @app.command()
 def tokenize(
     files: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
-            help='Text files (.txt, .md), JSONL files with a "text" field, or '
-            "directories (searched recursively).",
+            help='Text files (.txt, .md), JSONL with a "text" field, parquet with a "text" '
+            "column, .gz / .zst of text or JSONL, directories (searched recursively) or quoted "
+            "globs. PATH:WEIGHT on every file shares --max-bytes by weight.",
             show_default=False,
         ),
     ],
@@ -62,6 +63,9 @@ def tokenize(
             "documents) as those tokens: no merge is learned from or across them.",
         ),
     ] = False,
+    text_field: Annotated[
+        str, typer.Option("--text-field", help="The JSONL key or parquet column holding the text.")
+    ] = "text",
     force: Force = False,
     quiet: Quiet = False,
     json: Json = False,
@@ -79,8 +83,11 @@ def tokenize(
         tinylm tokenize data/ --vocab-size 32768 --max-bytes 200M -o tok --force
 
         tinylm tokenize docs.jsonl -v 8192 --pattern gpt2 --special-token "<|pad|>" -o tok --json
+
+        tinylm tokenize "fineweb/*.parquet" code.jsonl.zst -v 32768 --max-bytes 1G -o tok
     """
     from tinylm.chat import DEFAULT_SPECIAL_TOKENS
+    from tinylm.sources import resolve_sources
     from tinylm.textio import check_output_dir
     from tinylm.tokenizer.training import summary, train_from_files
 
@@ -88,7 +95,7 @@ def tokenize(
     out_dir = check_output_dir(out_dir, force)
     limit = parse_size(max_bytes) if max_bytes is not None else None
     specials = [*DEFAULT_SPECIAL_TOKENS, *(special_token or [])]
-    result = train_from_files(files, vocab_size, pattern, specials, out, max_bytes=limit,
-                              allow_special=allow_special)
+    result = train_from_files(resolve_sources(files, text_field), vocab_size, pattern, specials,
+                              out, max_bytes=limit, allow_special=allow_special)
     path = result.tokenizer.save(out_dir)
     out.table(f"tokenizer written to {path}", summary(result, path))
