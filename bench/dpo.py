@@ -67,9 +67,7 @@ DPO_REMAINS = (
     "(the reference pass only the log-probs); TRL passes the padding attention mask to SDPA "
     "(tinylm right-pads and needs none) and feeds 129 ids per row, tinylm 128; TRL reloads the "
     "reference from the exported directory, tinylm deep-copies the policy (both hold one "
-    "frozen float32 copy). With TRL's defaults (bf16 autocast on a CPU without bf16 "
-    "instructions, gradient checkpointing) TRL's step is several times slower, as in the "
-    "finetune section; `--trl-defaults` measures it."
+    "frozen float32 copy). `--trl-defaults` also runs TRL with its own defaults."
 )
 
 
