@@ -30,8 +30,11 @@ DEMO ?= demo
 demo: install
 	$(BIN)/tinylm quickstart -o $(DEMO) --force
 
+# The tokenizer tests run twice: with the C accelerator, then on the pure-Python path.
 test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	TINYLM_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_tokenizer.py \
+		tests/test_tokenizer_cli.py tests/test_tokenizer_interop.py
 
 # The chat page's browser test drives Debian's chromium + chromium-driver. Installed here only
 # when running as root with apt-get and not there yet; a failure is not fatal (the test skips).
@@ -54,4 +57,4 @@ lint: install
 	$(BIN)/ruff check tinylm tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info tinylm/tokenizer/_fastbpe*.so

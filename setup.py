@@ -1,9 +1,11 @@
-"""Builds tinylm's optional C accelerator for the tokenizer; all metadata is in pyproject.toml.
+"""Builds tinylm's C accelerator for the tokenizer; all metadata is in pyproject.toml.
 
-`optional=True`: without a C compiler the install still succeeds and tinylm uses its pure-Python
-tokenizer code, which gives the same results (only slower).
+Optional by default: without a C compiler the install still succeeds and tinylm uses its
+pure-Python tokenizer code, which gives the same results (only slower). With
+TINYLM_REQUIRE_NATIVE=1 (as CI sets it) a failed build fails the install instead.
 """
 
+import os
 import sys
 
 from setuptools import Extension, setup
@@ -22,7 +24,7 @@ setup(
             ],
             depends=["tinylm/tokenizer/_c/fastbpe.h"],
             extra_compile_args=[] if sys.platform == "win32" else ["-O3", "-std=c99"],
-            optional=True,
+            optional=not os.environ.get("TINYLM_REQUIRE_NATIVE"),
         )
     ]
 )

@@ -32,8 +32,9 @@ import tinylm.cli  # noqa: F401  (registers the commands)
 from tinylm.cli.app import app
 from tinylm.console import Output
 from tinylm.errors import TinyLMError
+from tinylm.losses import lm_loss
 from tinylm.model import ModelConfig, Transformer
-from tinylm.pretrain import lm_loss, pretrain
+from tinylm.pretrain import pretrain
 from tinylm.run import load_run, save_run
 from tinylm.tokenizer import Tokenizer
 from tinylm.train import checkpoint as ckpt

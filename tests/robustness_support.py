@@ -20,9 +20,9 @@ from click.testing import CliRunner, Result
 
 import tinylm.cli  # noqa: F401  (registers the commands)
 from tinylm.cli.app import app
-from tinylm.lora import LoraSettings, apply_lora, save_adapter
+from tinylm.lora import LoraSettings, apply_lora
 from tinylm.model import ModelConfig, Transformer
-from tinylm.run import TOKENIZER_FILE, load_run, save_run
+from tinylm.run import TOKENIZER_FILE, load_run, save_adapter_run, save_run
 from tinylm.tokenizer import Tokenizer
 
 TOK = Tokenizer.bytes_only()
@@ -80,7 +80,7 @@ def make_adapter_run(path: Path, base: Path) -> Path:
     torch.manual_seed(1)
     model = apply_lora(load_run(base).model, LoraSettings(enabled=True, rank=2))
     path.mkdir(parents=True)
-    save_adapter(path, model, base, {"stage": "finetune"})
+    save_adapter_run(path, model, base, {"stage": "finetune"})
     load_run(base).tokenizer.save(path / TOKENIZER_FILE)
     return path
 

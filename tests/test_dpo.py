@@ -13,14 +13,16 @@ from typer.testing import CliRunner
 
 import tinylm.cli  # noqa: F401  (registers the commands)
 from tinylm.cli.app import app
-from tinylm.dpo import DPOConfig, dpo_loss, make_loss_fn, pair_batch, reference_context
+from tinylm.dpo import DPOConfig, loss_settings, make_loss_fn
 from tinylm.errors import TinyLMError
-from tinylm.lora import LoraSettings, apply_lora, is_adapter_run
+from tinylm.evaluate import pair_logps
+from tinylm.lora import LoraSettings, adapter_disabled, apply_lora
+from tinylm.losses import LossOutput, dpo_batch_loss, dpo_loss
 from tinylm.model import ModelConfig, Transformer
-from tinylm.run import load_run, save_run
+from tinylm.run import is_adapter_run, load_run, save_run
 from tinylm.sft import PreferencePair, encode_pairs
+from tinylm.sft.batch import pair_batch
 from tinylm.tokenizer import Tokenizer
-from tinylm.train.loop import LossOutput
 from tinylm.train.report import read_metrics
 
 runner = CliRunner()
@@ -90,8 +92,6 @@ def trl_loss(loss_type: str | list[str], beta: float, per_token: torch.Tensor,
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
 def test_loss_equals_trls_own_dpo_loss(loss_type):
     pytest.importorskip("trl")
-    from tinylm.dpo import dpo_outputs
-
     torch.manual_seed(0)
     per_token = -torch.rand(6, 7, dtype=torch.float64) * 3  # 3 chosen rows, then 3 rejected
     mask = torch.rand(6, 7) > 0.3
@@ -100,7 +100,7 @@ def test_loss_equals_trls_own_dpo_loss(loss_type):
     expected, trl_metrics = trl_loss(loss_type, 0.2, per_token, mask, ref)
     logps = (per_token * mask).sum(-1)
     cfg = DPOConfig(beta=0.2, loss_type=loss_type)
-    ours = dpo_outputs(cfg, logps, ref, mask, LossOutput)
+    ours = dpo_batch_loss(logps, ref, mask, **loss_settings(cfg))
     assert ours.loss_sum.item() / ours.count == pytest.approx(expected, rel=1e-9)
     for key, value in ours.metrics.items():
         assert value.item() / ours.count == pytest.approx(trl_metrics[key][0], rel=1e-6), key
@@ -110,8 +110,6 @@ def test_sft_weight_equals_trls_sigmoid_plus_sft_loss():
     """RPO: + w * the chosen answers' NLL per token; TRL combines ["sigmoid", "sft"] with
     weights [1, w] (the same numbers when the chosen answers are equally long, as here)."""
     pytest.importorskip("trl")
-    from tinylm.dpo import dpo_outputs
-
     torch.manual_seed(1)
     per_token = -torch.rand(6, 7, dtype=torch.float64) * 3
     mask = torch.rand(6, 7) > 0.3
@@ -119,8 +117,8 @@ def test_sft_weight_equals_trls_sigmoid_plus_sft_loss():
     ref = -torch.rand(6, dtype=torch.float64) * 10
     expected, _ = trl_loss(["sigmoid", "sft"], 0.2, per_token, mask, ref, weights=[1.0, 0.5])
     logps = (per_token * mask).sum(-1)
-    ours = dpo_outputs(DPOConfig(beta=0.2, sft_weight=0.5), logps, ref, mask, LossOutput)
-    plain = dpo_outputs(DPOConfig(beta=0.2), logps, ref, mask, LossOutput)
+    ours = dpo_batch_loss(logps, ref, mask, beta=0.2, sft_weight=0.5)
+    plain = dpo_batch_loss(logps, ref, mask, beta=0.2)
     assert ours.loss_sum.item() / ours.count == pytest.approx(expected, rel=1e-9)
     nll = -per_token[:3].mean(-1)
     assert ours.metrics["nll_loss"].item() == pytest.approx(nll.sum().item())
@@ -154,8 +152,6 @@ def test_step_zero_loss_is_ln2_and_rewards_zero():
 
 
 def test_precomputed_reference_gives_the_same_loss_and_reference_stays_frozen():
-    from tinylm.dpo import reference_logps
-
     encoded, _ = encode_pairs(TOK, pairs(), 64)
     model, ref = tiny_model(), tiny_model()
     before = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -171,7 +167,7 @@ def test_precomputed_reference_gives_the_same_loss_and_reference_stays_frozen():
     assert all(p.grad is None for p in ref.parameters())
     assert not torch.equal(model.lm_head.weight, ref.lm_head.weight)
     model.eval()
-    table = reference_logps(ref, encoded, 3, TOK.eot_id)
+    table = pair_logps(ref, encoded, 3, TOK.eot_id)
     with_ref = loss_fn(model, pair_batch(encoded, [0, 4, 5], TOK.eot_id))
     precomputed = make_loss_fn(cfg, None)(model, pair_batch(encoded, [0, 4, 5], TOK.eot_id,
                                                             table))
@@ -187,7 +183,7 @@ def test_lora_reference_equals_the_base_model():
         if "lora_B" in name:
             p.data.normal_()
     assert not torch.allclose(peft(ids), expected)
-    with reference_context(peft):
+    with adapter_disabled(peft):
         assert torch.equal(peft(ids), expected)
     assert not torch.allclose(peft(ids), expected)  # the adapter is back on
 

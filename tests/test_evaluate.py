@@ -15,9 +15,10 @@ from tinylm.cli.app import app
 from tinylm.errors import TinyLMError
 from tinylm.evaluate import detect_kind, evaluate_data
 from tinylm.generate import stop_token_ids
+from tinylm.losses import sequence_logps
 from tinylm.model import ModelConfig, Transformer
 from tinylm.run import load_run, save_run
-from tinylm.sft import PreferencePair, collate_padded, encode_pairs, sequence_logps
+from tinylm.sft import PreferencePair, collate_padded, encode_pairs
 from tinylm.sft.data import read_conversations
 from tinylm.sft.render import encode_example
 from tinylm.tokenizer import Tokenizer
@@ -207,7 +208,8 @@ def test_missing_base_run_is_a_user_error(runs, tmp_path):
 
 
 def test_adapter_run_is_compared_with_its_base(runs, tmp_path):
-    from tinylm.lora import LoraSettings, apply_lora, save_adapter
+    from tinylm.lora import LoraSettings, apply_lora
+    from tinylm.run import save_adapter_run
 
     base, _, data = runs
     pairs = [PreferencePair(({"role": "user", "content": r["prompt"]},),
@@ -227,7 +229,7 @@ def test_adapter_run_is_compared_with_its_base(runs, tmp_path):
         optimizer.step()
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    save_adapter(adapter, peft, base, {"stage": "dpo"})
+    save_adapter_run(adapter, peft, base, {"stage": "dpo"})
     TOK.save(adapter / "tokenizer.json")
     result = evaluate_data(adapter, [str(data)], device="cpu")
     assert result["base_run"] == str(base.resolve())

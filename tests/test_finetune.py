@@ -18,9 +18,8 @@ from tinylm.finetune import (
     LORA_LR,
     FinetuneConfig,
     load_config,
-    resolve_train,
-    split_validation,
 )
+from tinylm.losses import sft_loss
 from tinylm.model import ModelConfig, Transformer
 from tinylm.run import load_run, save_run
 from tinylm.sft import (
@@ -29,10 +28,10 @@ from tinylm.sft import (
     collate_packed,
     collate_padded,
     encode_example,
-    sft_loss,
 )
 from tinylm.tokenizer import Tokenizer
 from tinylm.train.report import read_metrics
+from tinylm.tuning import split_validation
 
 runner = CliRunner()
 
@@ -179,14 +178,14 @@ def test_split_validation_is_seeded_and_disjoint():
 
 def test_config_automatic_values_and_errors():
     cfg = load_config(None, [])
-    assert cfg.train.max_steps == 0 and cfg.train.lr == 0.0
-    assert resolve_train(cfg, 17).max_steps == 17 and resolve_train(cfg, 17).lr == FULL_LR
-    lora = load_config(None, ["lora.enabled=true"])
-    assert resolve_train(lora, 5).lr == LORA_LR
+    assert cfg.train.max_steps is None and cfg.train.lr is None  # automatic
+    assert cfg.train.resolved(17, FULL_LR).max_steps == 17
+    assert cfg.train.resolved(17, FULL_LR).lr == FULL_LR
     chosen = load_config(None, ["lora.enabled=true", "train.lr=0.01", "train.max_steps=3"])
-    assert (resolve_train(chosen, 5).lr, resolve_train(chosen, 5).max_steps) == (0.01, 3)
-    for bad in (["train.lr=-1"], ["epochs=0"], ["train.nope=1"], ["lora.rank=0"],
-                ["data.val_fraction=1.5"]):
+    assert (chosen.train.resolved(5, LORA_LR).lr, chosen.train.resolved(5, LORA_LR).max_steps) \
+        == (0.01, 3)
+    for bad in (["train.lr=-1"], ["train.lr=0"], ["train.max_steps=0"], ["epochs=0"],
+                ["train.nope=1"], ["lora.rank=0"], ["data.val_fraction=1.5"]):
         with pytest.raises(TinyLMError):
             load_config(None, bad)
     assert isinstance(cfg, FinetuneConfig)
@@ -247,7 +246,7 @@ def test_full_finetune_end_to_end(tmp_path):
 
 
 def test_lora_finetune_end_to_end(tmp_path):
-    from tinylm.lora import is_adapter_run, load_adapter_run
+    from tinylm.run import is_adapter_run
 
     base = make_base_run(tmp_path / "base")
     before = digest(base / "model.safetensors")
@@ -261,7 +260,7 @@ def test_lora_finetune_end_to_end(tmp_path):
     assert "LoRA tuning:" in result.output and "parameters train" in result.output
     assert is_adapter_run(out) and not (out / "model.safetensors").exists()
     assert digest(base / "model.safetensors") == before
-    adapter = load_adapter_run(out)
+    adapter = load_run(out)
     assert not torch.equal(adapter.model(torch.tensor([[1, 2, 3]])),
                            load_run(base).model(torch.tensor([[1, 2, 3]])))
     config = json.loads((out / "config.json").read_text())

@@ -19,17 +19,15 @@ from tinylm.chat import encode_chat, fit_history, render_chat
 from tinylm.cli.app import app
 from tinylm.errors import TinyLMError
 from tinylm.generate import (
-    InputMajorLinear,
     SamplingConfig,
     TextStream,
     apply_repetition_penalty,
     fit_prompt,
     generate,
-    pack_weights,
     top_k_filter,
     top_p_filter,
 )
-from tinylm.model import ModelConfig, Transformer, linear
+from tinylm.model import InputMajorLinear, ModelConfig, Transformer, linear, pack_weights
 from tinylm.tokenizer import Tokenizer
 
 runner = CliRunner()

@@ -380,9 +380,10 @@ def test_import_gpt2_original_tensor_names(tmp_path, hf_tokenizer_json):
 
 def _make_adapter_run(path: Path, base: Path, seed: int, targets: str = "q_proj,v_proj") -> Path:
     """A LoRA adapter run on `base` (a run or an adapter run) with nonzero random B matrices."""
-    from tinylm.lora import LoraSettings, apply_lora, is_adapter_run, load_adapter_run, save_adapter
+    from tinylm.lora import LoraSettings, apply_lora
+    from tinylm.run import save_adapter_run
 
-    base_model = (load_adapter_run(base) if is_adapter_run(base) else load_run(base)).model
+    base_model = load_run(base).model
     model = apply_lora(base_model, LoraSettings(enabled=True, rank=4, alpha=8.0, dropout=0.0,
                                                 targets=targets))
     generator = torch.Generator().manual_seed(seed)
@@ -391,7 +392,7 @@ def _make_adapter_run(path: Path, base: Path, seed: int, targets: str = "q_proj,
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
     path.mkdir()
-    save_adapter(path, model, base, {"stage": "finetune"})
+    save_adapter_run(path, model, base, {"stage": "finetune"})
     (path / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
     return path
 
@@ -404,7 +405,6 @@ def test_export_lora_run_loads_with_peft_on_the_exported_model(tmp_path, tok):
     """An adapter on an adapter run: DIR is the merged base, DIR/adapter the last adapter."""
     from peft import PeftModel
 
-    from tinylm.lora import load_adapter_run
 
     base = _make_run(tmp_path / "base", tok, family="llama", n_kv_heads=2, tie_embeddings=False)
     first = _make_adapter_run(tmp_path / "first", base, seed=1)
@@ -419,8 +419,8 @@ def test_export_lora_run_loads_with_peft_on_the_exported_model(tmp_path, tok):
     assert config["base_model_name_or_path"] == str(out.resolve())
     ids = _lora_ids(tok)
     with torch.no_grad():
-        expected = load_adapter_run(second, no_merge=True).model(ids)
-        base_only = load_adapter_run(first).model(ids)
+        expected = load_run(second, no_merge=True).model(ids)
+        base_only = load_run(first).model(ids)
         hf = _load_hf(out)
         assert torch.allclose(hf(ids).logits, base_only, atol=1e-4, rtol=0)
         peft_model = PeftModel.from_pretrained(hf, str(out / "adapter")).eval()
@@ -431,7 +431,6 @@ def test_export_lora_run_loads_with_peft_on_the_exported_model(tmp_path, tok):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_export_lora_run_merged(tmp_path, tok, family):
-    from tinylm.lora import load_adapter_run
 
     base = _make_run(tmp_path / "base", tok, family=family)
     adapter = _make_adapter_run(tmp_path / "lora", base, seed=4)
@@ -442,7 +441,7 @@ def test_export_lora_run_merged(tmp_path, tok, family):
     assert not (out / "adapter").exists()
     ids = _lora_ids(tok)
     with torch.no_grad():
-        expected = load_adapter_run(adapter).model(ids)
+        expected = load_run(adapter).model(ids)
         actual = _load_hf(out)(ids).logits
         assert not torch.allclose(expected, load_run(base).model(ids), atol=1e-3)
     assert torch.allclose(actual, expected, atol=1e-4, rtol=0), (actual - expected).abs().max()
@@ -453,7 +452,6 @@ def test_export_gpt2_lora_run_fuses_qkv_adapters_for_peft(tmp_path, tok, targets
     """GPT-2's fused c_attn gets one block-diagonal adapter that computes ours exactly."""
     from peft import PeftModel
 
-    from tinylm.lora import load_adapter_run
 
     base = _make_run(tmp_path / "base", tok, family="gpt2", tie_embeddings=False)
     adapter = _make_adapter_run(tmp_path / "lora", base, seed=6, targets=targets)
@@ -466,7 +464,7 @@ def test_export_gpt2_lora_run_fuses_qkv_adapters_for_peft(tmp_path, tok, targets
     assert config["alpha_pattern"] == {"c_attn": 8.0 * n}
     ids = _lora_ids(tok)
     with torch.no_grad():
-        expected = load_adapter_run(adapter, no_merge=True).model(ids)
+        expected = load_run(adapter, no_merge=True).model(ids)
         peft_model = PeftModel.from_pretrained(_load_hf(out), str(out / "adapter")).eval()
         actual = peft_model(input_ids=ids).logits
         assert not torch.allclose(expected, load_run(base).model(ids), atol=1e-3)

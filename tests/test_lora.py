@@ -18,14 +18,11 @@ from tinylm.lora import (
     LoraSettings,
     apply_lora,
     count_parameters,
-    is_adapter_run,
     load_adapter,
-    load_adapter_run,
-    save_adapter,
     target_modules,
 )
 from tinylm.model import ModelConfig, Transformer
-from tinylm.run import load_run, save_run
+from tinylm.run import is_adapter_run, load_run, save_adapter_run, save_run
 from tinylm.tokenizer import Tokenizer
 
 runner = CliRunner()
@@ -118,20 +115,20 @@ def test_merged_equals_unmerged():
     assert torch.allclose(merged(ids()), unmerged, atol=1e-5)
 
 
-def save_adapter_run(tmp_path: Path, family: str = "llama") -> tuple[Path, torch.nn.Module]:
+def make_adapter_run(tmp_path: Path, family: str = "llama") -> tuple[Path, torch.nn.Module]:
     base = make_base_run(tmp_path / "base", family)
     model = apply_lora(load_run(base).model, LoraSettings(enabled=True, rank=4, dropout=0.0))
     train_a_little(model)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    save_adapter(adapter, model, base, {"stage": "finetune"})
+    save_adapter_run(adapter, model, base, {"stage": "finetune"})
     Tokenizer.bytes_only().save(adapter / "tokenizer.json")
     return adapter, model
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_adapter_run_saves_and_loads(tmp_path, family):
-    adapter, model = save_adapter_run(tmp_path, family)
+    adapter, model = make_adapter_run(tmp_path, family)
     expected = model(ids())
     assert is_adapter_run(adapter) and not is_adapter_run(tmp_path / "base")
     assert not (adapter / "model.safetensors").exists()
@@ -140,10 +137,10 @@ def test_adapter_run_saves_and_loads(tmp_path, family):
     assert config["model"]["family"] == family
     peft_config = json.loads((adapter / ADAPTER_CONFIG_FILE).read_text())
     assert peft_config["peft_type"] == "LORA" and peft_config["r"] == 4
-    merged = load_adapter_run(adapter)
+    merged = load_run(adapter)
     assert isinstance(merged.model, Transformer)
     assert torch.allclose(merged.model(ids()), expected, atol=1e-5)
-    unmerged = load_adapter_run(adapter, no_merge=True)
+    unmerged = load_run(adapter, no_merge=True)
     assert not isinstance(unmerged.model, Transformer)
     assert torch.allclose(unmerged.model(ids()), expected, atol=1e-6)
     # The base run on disk is untouched by loading its adapter.
@@ -152,41 +149,41 @@ def test_adapter_run_saves_and_loads(tmp_path, family):
 
 def test_adapter_on_an_adapter_run(tmp_path):
     """A LoRA run whose base is itself a LoRA run: both adapters apply, in order."""
-    first, _ = save_adapter_run(tmp_path)
-    model = apply_lora(load_adapter_run(first).model, LoraSettings(enabled=True, rank=2))
+    first, _ = make_adapter_run(tmp_path)
+    model = apply_lora(load_run(first).model, LoraSettings(enabled=True, rank=2))
     train_a_little(model)
     second = tmp_path / "second"
     second.mkdir()
-    save_adapter(second, model, first, {"stage": "finetune"})
-    loaded = load_adapter_run(second)
+    save_adapter_run(second, model, first, {"stage": "finetune"})
+    loaded = load_run(second)
     assert torch.allclose(loaded.model(ids()), model(ids()), atol=1e-5)
-    assert not torch.allclose(loaded.model(ids()), load_adapter_run(first).model(ids()))
+    assert not torch.allclose(loaded.model(ids()), load_run(first).model(ids()))
 
 
 def test_peft_loads_our_adapter_files(tmp_path):
     """PEFT's own loader reads the adapter (its format, not just ours)."""
     from peft import PeftModel
 
-    adapter, model = save_adapter_run(tmp_path)
+    adapter, model = make_adapter_run(tmp_path)
     loaded = PeftModel.from_pretrained(load_run(tmp_path / "base").model, str(adapter))
     assert torch.allclose(loaded(ids()), model(ids()), atol=1e-6)
 
 
 def test_adapter_run_survives_moving_both_runs(tmp_path):
-    adapter, model = save_adapter_run(tmp_path / "a")
+    adapter, model = make_adapter_run(tmp_path / "a")
     expected = model(ids())
     (tmp_path / "a").rename(tmp_path / "b")
-    moved = load_adapter_run(tmp_path / "b" / "adapter")
+    moved = load_run(tmp_path / "b" / "adapter")
     assert torch.allclose(moved.model(ids()), expected, atol=1e-5)
     import shutil
 
     shutil.rmtree(tmp_path / "b" / "base")
     with pytest.raises(TinyLMError, match="base run"):
-        load_adapter_run(tmp_path / "b" / "adapter")
+        load_run(tmp_path / "b" / "adapter")
 
 
 def test_adapter_that_does_not_fit_is_an_error(tmp_path):
-    adapter, _ = save_adapter_run(tmp_path)
+    adapter, _ = make_adapter_run(tmp_path)
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(adapter / ADAPTER_WEIGHTS_FILE))
@@ -200,7 +197,7 @@ def test_adapter_that_does_not_fit_is_an_error(tmp_path):
 
 
 def test_merge_command(tmp_path):
-    adapter, model = save_adapter_run(tmp_path)
+    adapter, model = make_adapter_run(tmp_path)
     out = tmp_path / "merged"
     result = runner.invoke(app, ["merge", "-m", str(adapter), "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
@@ -225,7 +222,7 @@ def test_adapter_loads_onto_the_exported_hf_model(tmp_path):
 
     from tinylm.interop.export import export_hf
 
-    adapter, model = save_adapter_run(tmp_path)
+    adapter, model = make_adapter_run(tmp_path)
     export_hf(tmp_path / "base", tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     hf_lora = PeftModel.from_pretrained(hf, str(adapter)).eval()

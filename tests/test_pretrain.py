@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 import tinylm.cli  # noqa: F401  (registers the commands)
 from tinylm.cli.app import app
 from tinylm.data import encode_corpus
+from tinylm.evaluate import text_scores, token_byte_lengths
+from tinylm.losses import lm_loss
 from tinylm.model import ModelConfig, Transformer
-from tinylm.pretrain import evaluate, lm_loss, token_byte_lengths
 from tinylm.tokenizer import Tokenizer
 from tinylm.train.checkpoint import latest_checkpoint
 from tinylm.train.report import read_metrics
@@ -76,7 +77,7 @@ def test_evaluate_matches_a_direct_computation(tmp_path: Path) -> None:
                                     d_model=16, max_seq_len=16)).eval()
     lengths = token_byte_lengths(tok)
     assert lengths[:256].tolist() == [1] * 256 and lengths[256:].tolist() == [0, 0, 0]
-    result = evaluate(model, stream, 16, batch_size=3, byte_lengths=lengths)
+    result = text_scores(model, stream, 16, batch_size=3, byte_lengths=lengths)
     ids = torch.from_numpy(stream.read(0, len(stream)))
     n = (len(ids) - 1) // 16
     x, y = ids[: n * 16].view(n, 16), ids[1: n * 16 + 1].view(n, 16)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from tinylm import data, textio
 from tinylm.chat import DEFAULT_SPECIAL_TOKENS, TURN_END
-from tinylm.dpo import LOSS_TYPES, dpo_loss
+from tinylm.losses import DPO_LOSS_TYPES, dpo_loss
 from tinylm.sft import encode_conversations, encode_pairs, read_conversations
 from tinylm.sft.data import read_preference_pairs
 from tinylm.tokenizer import Tokenizer
@@ -271,7 +271,7 @@ LOGP = st.floats(-60, 0, allow_nan=False)
     logps=st.tuples(LOGP, LOGP, LOGP, LOGP),
     beta=st.floats(0.01, 2.0),
     smoothing=st.floats(0.0, 0.49),
-    loss_type=st.sampled_from(LOSS_TYPES),
+    loss_type=st.sampled_from(DPO_LOSS_TYPES),
     shift=st.floats(-20, 20),
 )
 def test_dpo_loss_swapping_chosen_and_rejected_negates_the_margin(

@@ -10,6 +10,7 @@ import torch
 
 from tinylm.chat import chat_segments, encode_chat
 from tinylm.errors import TinyLMError
+from tinylm.losses import masked_lm_loss, sequence_logps
 from tinylm.sft import (
     Conversation,
     PreferencePair,
@@ -21,12 +22,10 @@ from tinylm.sft import (
     encode_conversations,
     encode_example,
     encode_pairs,
-    masked_lm_loss,
     pack_windows,
     read_conversations,
     read_preference_pairs,
     response_mask,
-    sequence_logps,
 )
 from tinylm.tokenizer import Tokenizer
 

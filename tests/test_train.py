@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tinylm.errors import TinyLMError
+from tinylm.losses import lm_loss
 from tinylm.model import ModelConfig, Transformer
-from tinylm.pretrain import lm_loss
 from tinylm.run import save_run
 from tinylm.tokenizer import Tokenizer
 from tinylm.train import checkpoint as ckpt

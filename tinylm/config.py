@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from tinylm.errors import TinyLMError
+from tinylm.textio import read_text
 
 T = TypeVar("T")
 
@@ -59,8 +60,6 @@ def _shown(value: Any) -> str:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file's top-level mapping; a clear error for a missing file or bad YAML."""
-    from tinylm.textio import read_text
-
     path = Path(path)
     if not path.exists():
         if not (shipped := _shipped(path)):
@@ -219,10 +218,13 @@ def build_config(
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
     *,
+    values: dict[str, Any] | None = None,
     source: str = "config",
     prefix: str = "",
 ) -> T:
-    """An instance of dataclass `cls` from defaults < `base` < YAML file < `--set` overrides.
+    """An instance of dataclass `cls` from defaults < `base` < YAML file < `--set` overrides
+    < `values` (dotted keys to values already typed, e.g. a command's flags; None entries are
+    left out).
 
     Validation errors (unknown key, wrong type, values the dataclass's `__post_init__` rejects)
     raise `TinyLMError` naming the source (`source` for `base`) and the key (after `prefix`,
@@ -236,6 +238,10 @@ def build_config(
         flat = dict(parse_override(o) for o in overrides)
         data = _merge(data, _nest(flat))
         source = "--set" if yaml_path is None else f"{yaml_path} + --set"
+    given = {k: v for k, v in (values or {}).items() if v is not None}
+    if given:
+        data = _merge(data, _nest(given))
+        source = "options" if source == "config" else f"{source} + options"
     return _build(cls, data, prefix, source)
 
 

@@ -19,12 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from tinylm.chat import TURN_END
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
-from tinylm.model import MLP, Attention, KVCache, Transformer, linear
+from tinylm.model import KVCache, pack_weights
+from tinylm.run import Run, load_run
+from tinylm.textio import iter_jsonl, read_text
+from tinylm.train.distributed import resolve_device
 
 if TYPE_CHECKING:
     from tinylm.run import Run
@@ -319,77 +322,12 @@ def generate(
     return [g for g in outputs if g is not None]
 
 
-class InputMajorLinear(nn.Linear):
-    """An nn.Linear whose weight `pack_weights` stored input-major; its product is
-    `model.linear`'s (split over the threads for a few rows)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def pack_weights(model: nn.Module) -> None:
-    """Lay out the weights of every `Transformer` in `model` for generation, in place.
-
-    At batch 1 a decode step streams every weight from memory once. On a CPU a product of one
-    row with a weight stored (in, out) row-major streams faster than with nn.Linear's (out, in)
-    when out >= in (1.3-1.6x for gpt2-124m's head), only such a weight lets `model.linear` split
-    the product over several threads, and one product for q|k|v (and llama's gate|up) saves
-    launches. So those weights, the others too when torch has several threads, and the head
-    (with its tied embedding) move into (in, out) storage, the layers become `InputMajorLinear`
-    and the parameters views of that storage: names, values and saved files stay the same and no
-    memory is added. Meant for inference (training would run on this layout). Projections wrapped
-    by an unmerged LoRA adapter are left as they are.
-    """
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Attention) and m.qkv is None:
-                m.qkv = _relayout(m.q_proj, m.k_proj, m.v_proj)
-                _relayout(m.o_proj)
-            elif isinstance(m, MLP) and m.gated and m.gate_up is None:
-                fused = _relayout(m.gate_proj, m.up_proj)
-                m.gate_up = fused[0] if fused is not None else None
-                _relayout(m.down_proj)
-            elif isinstance(m, MLP):
-                _relayout(m.up_proj)
-                _relayout(m.down_proj)
-            elif isinstance(m, Transformer):
-                _relayout(m.lm_head)
-
-
-def _relayout(*linears: nn.Linear) -> tuple[Tensor, Tensor | None] | None:
-    """The layers' weights stacked into one (out, in) weight stored (in, out) row-major, with
-    their biases; each layer's weight and bias become views of those. None, changing nothing,
-    if a layer is not a plain nn.Linear, or if out < in on one thread (there (out, in) is
-    faster: 0.63 against 0.73 ms for gpt2-124m's down_proj)."""
-    if any(type(m) is not nn.Linear for m in linears):
-        return None
-    if sum(m.out_features for m in linears) < linears[0].in_features and (
-            torch.get_num_threads() == 1):
-        return None
-    weight = torch.cat([m.weight for m in linears]).t().contiguous().t()
-    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-    start = 0
-    for m in linears:
-        end = start + m.out_features
-        m.weight.data = weight[start:end]
-        if bias is not None:
-            m.bias.data = bias[start:end]
-        m.__class__ = InputMajorLinear
-        start = end
-    return weight, bias
-
-
 def load_for_generation(path: str | Path, device: str = "auto", no_merge: bool = False) -> Run:
     """Any run, ready to generate: pretrained, finetuned, DPO, or a LoRA adapter run (its
     adapter applied to the base, merged unless `no_merge`); on `device` (auto: cuda if any),
     in bfloat16 on a GPU that supports it, its weights laid out by `pack_weights`."""
-    from tinylm.lora import is_adapter_run, load_adapter_run
-    from tinylm.run import load_run
-    from tinylm.train.distributed import resolve_device
-
     dev = resolve_device(device)
-    run = (load_adapter_run(path, str(dev), no_merge) if is_adapter_run(path)
-           else load_run(path, str(dev)))
+    run = load_run(path, str(dev), no_merge)
     if dev.type == "cuda" and torch.cuda.is_bf16_supported():
         run.model.to(torch.bfloat16)
     pack_weights(run.model)
@@ -400,8 +338,6 @@ def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: JSONL objects with a "prompt" string (a .jsonl file), or one prompt
     a line (blank lines skipped; lines end at "\n" or "\r\n" only, so a prompt may hold any
     other character)."""
-    from tinylm.textio import iter_jsonl, read_text
-
     path = Path(path)
     hint = "check the path given to --prompts-file"
     if path.suffix.lower() == ".jsonl":

@@ -1,34 +1,32 @@
-"""LoRA through PEFT: adapt a tinylm model, save and load adapter runs, merge them.
+"""LoRA through PEFT: the module work. Wrap a tinylm model with adapters, count what trains,
+write the two adapter files, and put an adapter's weights back onto a model.
 
-An adapter run directory holds, instead of model.safetensors:
+The adapter files are PEFT's own:
 
-    RUN/adapter_config.json        PEFT's own LoraConfig file
-    RUN/adapter_model.safetensors  the A and B matrices, under PEFT's names
-                                   (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight)
-    RUN/config.json                the base model's config and "base_run": where the base lives
-    RUN/tokenizer.json             the base run's tokenizer
+    adapter_config.json        PEFT's LoraConfig file
+    adapter_model.safetensors  the A and B matrices, under PEFT's names
+                               (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight)
 
-Because tinylm's module names are Hugging Face Llama's, the same two adapter files load with
+Because tinylm's module names are Hugging Face Llama's, the same two files load with
 `peft.PeftModel.from_pretrained` onto our `Transformer` and onto the model `tinylm export`
-writes. Loading reads JSON and safetensors only (never adapter_model.bin).
+writes. Loading reads JSON and safetensors only (never adapter_model.bin). The run directory
+around them (config.json naming the base run, loading, merging) is `tinylm.run`'s.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tinylm import FORMAT_VERSION, __version__
-from tinylm.console import SILENT, Output
+import torch
+
 from tinylm.errors import TinyLMError
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from tinylm.run import Run
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -44,6 +42,10 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.05
     targets: str = "q_proj,v_proj"  # comma-separated module names, or "all-linear"
+    # Train the embedding and head rows of the chat template's tokens (<|im_start|>,
+    # <|im_end|>): a base pretrained on plain text never saw them, and LoRA alone cannot
+    # move their rows, so tuned replies would not end their turn.
+    train_template_tokens: bool = True
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -70,17 +72,31 @@ def target_modules(model: nn.Module, targets: str) -> list[str]:
     return wanted
 
 
-def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+def template_token_ids(tokenizer: Any) -> list[int]:
+    """The ids of the chat template's own tokens (<|im_start|>, <|im_end|>) in `tokenizer`."""
+    from tinylm.chat import TURN_END, TURN_START
+
+    specials = dict(tokenizer.special_tokens)
+    return sorted(specials[t] for t in (TURN_START, TURN_END) if t in specials)
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings,
+               token_ids: Sequence[int] = ()) -> nn.Module:
     """`model` wrapped by PEFT with fresh adapters (B = 0, so its output is unchanged); only
-    the adapter parameters require gradients."""
+    the adapter parameters require gradients. With `settings.train_template_tokens`, the
+    embedding and head rows of `token_ids` train too, through PEFT's trainable tokens (rows
+    of deltas starting at 0; a tied head shares the embedding's deltas, as PEFT ties them
+    on Hugging Face models, so the adapter loads the same onto the exported model)."""
     from peft import LoraConfig, get_peft_model
 
+    ids = sorted(set(token_ids)) if settings.train_template_tokens else []
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
         target_modules=target_modules(model, settings.targets),
         bias="none",
+        trainable_token_indices={"embed_tokens": ids, "lm_head": ids} if ids else None,
     )
     return get_peft_model(model, config)
 
@@ -93,43 +109,29 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def is_adapter_run(path: str | Path) -> bool:
-    """True when `path` holds a LoRA adapter (and no full weights)."""
-    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
+def adapter_disabled(model: nn.Module) -> contextlib.AbstractContextManager:
+    """No-grad context in which a PEFT `model` (also inside DDP) acts as its base model: the
+    reference policy of LoRA DPO and GRPO, with no second copy of the weights."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(getattr(model, "module", model).disable_adapter())
+    return stack
 
 
-def save_adapter(
-    directory: str | Path, peft_model: nn.Module, base_run: str | Path, meta: dict[str, Any]
-) -> None:
-    """Write the adapter files and config.json ("base_run" named) into existing `directory`.
-
-    The caller writes into a temporary directory and renames it when complete.
-    """
-    import dataclasses
-
+def write_adapter(directory: str | Path, peft_model: nn.Module, base_name: str) -> None:
+    """Write adapter_config.json (naming `base_name` as the base model) and
+    adapter_model.safetensors of `peft_model` into the existing `directory`."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from tinylm.run import FILES_KEY, file_records
-
-    directory, base_run = Path(directory), Path(base_run).resolve()
+    directory = Path(directory)
     config = peft_model.peft_config["default"]
-    config.base_model_name_or_path = str(base_run)
+    config.base_model_name_or_path = base_name
     config.save_pretrained(str(directory))
     weights = {k: v.detach().to("cpu").contiguous()
                for k, v in get_peft_model_state_dict(
                    peft_model, save_embedding_layers=False).items()}
     save_file(weights, str(directory / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-    run_config = {
-        "tinylm_version": __version__,
-        "format_version": FORMAT_VERSION,
-        "model": dataclasses.asdict(peft_model.get_base_model().config),
-        "base_run": {"path": str(base_run), "relative": os.path.relpath(base_run, directory)},
-        **meta,
-        FILES_KEY: file_records(directory, [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]),
-    }
-    text = json.dumps(run_config, indent=2) + "\n"
-    (directory / "config.json").write_text(text, encoding="utf-8")
 
 
 def load_adapter(peft_or_base: nn.Module, directory: str | Path) -> nn.Module:
@@ -170,113 +172,17 @@ def load_adapter(peft_or_base: nn.Module, directory: str | Path) -> nn.Module:
         detail = str(exc).strip().splitlines()[-1].strip()
         raise TinyLMError(f"{weights_file}: does not fit the base model ({detail})",
                           "is it the adapter of this base run?") from None
-    expected = {k for k in model.state_dict() if "lora_" in k}
-    missing = [k for k in result.missing_keys if "lora_" in k]
+    state = model.state_dict(keep_vars=True)
+    expected = {k for k in state if _is_adapter_key(k)}
+    # A tied head's token rows are the embedding's own tensor: loaded through that name.
+    loaded = {id(state[k]) for k in expected - set(result.missing_keys)}
+    missing = [k for k in result.missing_keys if _is_adapter_key(k) and id(state[k]) not in loaded]
     if result.unexpected_keys or missing or not expected:
         name = (result.unexpected_keys or missing or ["(no adapter tensors)"])[0]
         raise TinyLMError(f"{weights_file}: tensor {name!r} does not fit the base model")
     return model
 
 
-def base_run_path(path: str | Path, config: dict[str, Any]) -> Path:
-    """Where an adapter run's base lives: relative to the adapter first (a moved pair of
-    runs), then the absolute path recorded at training time."""
-    base = config.get("base_run")
-    if not isinstance(base, dict) or "path" not in base:
-        raise TinyLMError(f"{path}/config.json: adapter run without a 'base_run' entry")
-    candidates = [Path(path) / base["relative"]] if base.get("relative") else []
-    for candidate in [*candidates, Path(base["path"])]:
-        if (candidate / "config.json").is_file():
-            return candidate.resolve()
-    raise TinyLMError(f"{path}: its base run {base['path']} is missing",
-                      "put the base run back, or use a run made with tinylm merge")
-
-
-def run_inputs(path: str | Path) -> list[Path]:
-    """A run directory and, for an adapter run, its base runs down the chain: what loading it
-    reads, and so what no output may write over."""
-    from tinylm.run import read_run_config
-
-    chain = [Path(path)]
-    while is_adapter_run(chain[-1]):
-        base = base_run_path(chain[-1], read_run_config(chain[-1]))
-        if base.resolve() in {p.resolve() for p in chain}:
-            raise TinyLMError(f"{path}: its base runs loop back to {base}",
-                              "an adapter run's base_run must lead to a plain run")
-        chain.append(base)
-    return chain
-
-
-def check_base(path: str | Path, config: dict[str, Any], base: Run) -> None:
-    """An adapter run's base must be the model it was trained on: the model config recorded in
-    its config.json, and the tokenizer saved beside the adapter (when there is one)."""
-    import dataclasses
-
-    from tinylm.run import TOKENIZER_FILE
-    from tinylm.tokenizer import Tokenizer
-
-    hint = "put the adapter's own base run back, or train the adapter again on this base"
-    found = dataclasses.asdict(base.model.config)
-    for key, expected in config["model"].items():
-        if found.get(key) != expected:
-            raise TinyLMError(f"{path}: the adapter was trained on a base with {key}={expected!r}"
-                              f", but its base run {base.path} has {key}={found.get(key)!r}", hint)
-    tokenizer_file = Path(path) / TOKENIZER_FILE
-    if tokenizer_file.is_file():
-        fingerprint = Tokenizer.load(tokenizer_file).fingerprint
-        if fingerprint != base.tokenizer.fingerprint:
-            raise TinyLMError(f"{path}: the adapter's tokenizer ({fingerprint}) is not its base "
-                              f"run's ({base.path}: {base.tokenizer.fingerprint})", hint)
-
-
-def load_adapter_run(path: str | Path, device: str = "cpu", no_merge: bool = False) -> Run:
-    """Load an adapter run: its base run (itself possibly an adapter run), then the adapter,
-    merged into the weights (a plain `Transformer`) unless `no_merge` (a PEFT model)."""
-    from tinylm.run import FILES_KEY, Run, load_run, read_run_config, verify_files
-
-    path = Path(path)
-    config = read_run_config(path)
-    if FILES_KEY in config:  # sizes and checksums of the adapter files (tinylm.run)
-        verify_files(path, config[FILES_KEY], str(Path(path) / "config.json"))
-    inputs = run_inputs(path)  # a loop of base runs is an error, not endless recursion
-    base_path = inputs[1] if len(inputs) > 1 else base_run_path(path, config)
-    base = load_adapter_run(base_path) if is_adapter_run(base_path) else load_run(base_path)
-    check_base(path, config, base)
-    model = load_adapter(base.model, path)
-    model = model.merge_and_unload() if not no_merge else model
-    model.to(device).eval()
-    return Run(path=path, model=model, tokenizer=base.tokenizer, config=config)
-
-
-def merge_run(path: str | Path, out_dir: str | Path, force: bool = False,
-              out: Output = SILENT) -> Path:
-    """Write a plain run (full weights) with the adapter of run `path` merged in."""
-    import shutil
-    import tempfile
-
-    from tinylm.run import save_run
-    from tinylm.textio import check_distinct, check_output_dir
-
-    if not is_adapter_run(path):
-        raise TinyLMError(f"{path}: not a LoRA adapter run (no {ADAPTER_CONFIG_FILE})",
-                          "tinylm merge takes the -o directory of tinylm finetune --lora")
-    for source in run_inputs(path):
-        check_distinct(source, out_dir)
-    out_dir = check_output_dir(out_dir, force)
-    run = load_adapter_run(path)
-    meta = {k: v for k, v in run.config.items()
-            if k not in ("tinylm_version", "format_version", "model", "base_run")}
-    meta["merged_from"] = {"adapter_run": str(Path(path).resolve()),
-                           "base_run": run.config["base_run"]["path"]}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_run(tmp, run.model, run.tokenizer, meta)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    out.info(f"merged {path} into {out_dir}")
-    return out_dir
+def _is_adapter_key(name: str) -> bool:
+    """An adapter tensor: LoRA's A or B, or the rows of trainable tokens."""
+    return "lora_" in name or "trainable_tokens_delta" in name

@@ -1,8 +1,13 @@
-"""The run directory every stage reads and writes: config.json, weights and tokenizer.
+"""The run directory every stage reads and writes: plain runs and adapter runs, loading,
+clearing (--force) and merging. The one owner of the format.
 
     RUN/config.json        {"tinylm_version", "format_version", "model": {ModelConfig}, ...meta}
     RUN/model.safetensors  weights under Hugging Face Llama module names
     RUN/tokenizer.json     the Hugging Face `tokenizers` file
+
+An adapter run (finetune/dpo with LoRA) holds, instead of model.safetensors, PEFT's
+adapter_config.json + adapter_model.safetensors (`tinylm.lora`), and its config.json names
+the base run ("base_run": {"path", "relative"}). `load_run` loads either kind.
 
 When the input and output embeddings are tied, `lm_head.weight` is left out of the file (as
 `transformers` does) and tied again on load. Loading reads safetensors and JSON only.
@@ -23,25 +28,36 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tinylm import FORMAT_VERSION, __version__
+from tinylm.atomic import atomic_dir
+from tinylm.config import build_config
+from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
+from tinylm.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_adapter, write_adapter
+from tinylm.model import ModelConfig, Transformer
+from tinylm.textio import check_distinct, check_output_dir, read_json
+from tinylm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import torch
-
-    from tinylm.model import Transformer
-    from tinylm.tokenizer import Tokenizer
+    from torch import nn
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 FILES_KEY = "files"  # config.json's record of the sizes and checksums of the run's files
 DAMAGED_HINT = "copy the run again, or restore its files with --resume from its checkpoints"
+# What a stage writes at the top of its run directory; --force clears exactly these (and the
+# checkpoints), whatever stage wrote them, and leaves a user's other files alone.
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
+             "metrics.jsonl", "report.md", "loss_curve.png")
 
 
 @dataclass
@@ -66,27 +82,59 @@ def weights_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return state
 
 
+def _write_config(path: Path, model_config: Any, meta: dict[str, Any] | None,
+                  files: list[str]) -> None:
+    """config.json, written last: the header, `meta`, and the records of `files`."""
+    config = {
+        "tinylm_version": __version__,
+        "format_version": FORMAT_VERSION,
+        "model": dataclasses.asdict(model_config),
+        **(meta or {}),
+        FILES_KEY: file_records(path, files),
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
 def save_run(
     path: str | Path, model: Transformer, tokenizer: Tokenizer, meta: dict[str, Any] | None = None
 ) -> None:
     """Write config.json, model.safetensors and tokenizer.json into the existing directory `path`.
 
-    The caller makes `path` a temporary directory and renames it when complete (see
-    `tinylm.train.checkpoint`), so a reader never sees half a run.
+    The caller makes `path` a temporary directory and renames it when complete
+    (`tinylm.atomic.atomic_dir`), so a reader never sees half a run.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     save_file(weights_state_dict(model), str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     tokenizer.save(path / TOKENIZER_FILE)
-    config = {
-        "tinylm_version": __version__,
-        "format_version": FORMAT_VERSION,
-        "model": dataclasses.asdict(model.config),
-        **(meta or {}),
-        FILES_KEY: file_records(path, [WEIGHTS_FILE, TOKENIZER_FILE]),
-    }
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _write_config(path, model.config, meta, [WEIGHTS_FILE, TOKENIZER_FILE])
+
+
+def save_adapter_run(
+    path: str | Path, peft_model: nn.Module, base_run: str | Path, meta: dict[str, Any],
+    tokenizer: Tokenizer | None = None,
+) -> None:
+    """Write an adapter run into the existing directory `path`: the adapter files, the base
+    run's `tokenizer` (when given: loading then checks it is the base's), and config.json
+    naming `base_run` (absolute, and relative to `path`)."""
+    path, base_run = Path(path), Path(base_run).resolve()
+    write_adapter(path, peft_model, str(base_run))
+    if tokenizer is not None:
+        tokenizer.save(path / TOKENIZER_FILE)
+    meta = {"base_run": {"path": str(base_run), "relative": os.path.relpath(base_run, path)},
+            **meta}
+    _write_config(path, peft_model.get_base_model().config, meta,
+                  [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE])
+
+
+def clear_run(out_dir: str | Path) -> None:
+    """Remove what an earlier run of any stage left in `out_dir` (--force): its checkpoints
+    and `RUN_FILES`; other files stay."""
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -149,8 +197,6 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
         raise TinyLMError(f"{path}: no such run directory", "give the -o directory of a tinylm run")
     if not file.is_file():
         raise TinyLMError(f"{path}: not a tinylm run (no {CONFIG_FILE})", "is the run complete?")
-    from tinylm.textio import read_json
-
     config = read_json(file)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise TinyLMError(f"{file}: no 'model' section; not a tinylm run config")
@@ -168,9 +214,6 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
 
 def model_config_from(config: dict[str, Any], source: str = CONFIG_FILE) -> Any:
     """The `ModelConfig` stored in a run's config.json (unknown keys are an error)."""
-    from tinylm.config import build_config
-    from tinylm.model import ModelConfig
-
     return build_config(ModelConfig, base=dict(config["model"]), source=source, prefix="model.")
 
 
@@ -215,19 +258,24 @@ def load_checked(
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
+def is_adapter_run(path: str | Path) -> bool:
+    """True when `path` holds a LoRA adapter (and no full weights)."""
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file()
+
+
 def load_run(path: str | Path, device: str = "cpu", no_merge: bool = False) -> Run:
     """Load a run directory: its model (eval mode, on `device`), tokenizer and config.
 
     A LoRA run (a PEFT adapter naming its base run) loads the base and applies the adapter,
     merged into the weights unless `no_merge` (then `Run.model` is the `PeftModel`).
     """
-    from tinylm.lora import is_adapter_run, load_adapter_run
-    from tinylm.model import Transformer
-    from tinylm.tokenizer import Tokenizer
-
     path = Path(path)
-    if is_adapter_run(path):
-        return load_adapter_run(path, device, no_merge)
+    run = _load_adapter_run(path, no_merge) if is_adapter_run(path) else _load_plain_run(path)
+    run.model.to(device).eval()
+    return run
+
+
+def _load_plain_run(path: Path) -> Run:
     config = read_run_config(path)
     model_config = model_config_from(config, str(path / CONFIG_FILE))
     tokenizer_file = path / TOKENIZER_FILE
@@ -243,5 +291,90 @@ def load_run(path: str | Path, device: str = "cpu", no_merge: bool = False) -> R
         verify_files(path, config[FILES_KEY], str(path / CONFIG_FILE))
     model = Transformer(model_config)
     load_weights(model, path / WEIGHTS_FILE)
-    model.to(device).eval()
     return Run(path=path, model=model, tokenizer=tokenizer, config=config)
+
+
+def base_run_path(path: str | Path, config: dict[str, Any]) -> Path:
+    """Where an adapter run's base lives: relative to the adapter first (a moved pair of
+    runs), then the absolute path recorded at training time."""
+    base = config.get("base_run")
+    if not isinstance(base, dict) or "path" not in base:
+        raise TinyLMError(f"{path}/config.json: adapter run without a 'base_run' entry")
+    candidates = [Path(path) / base["relative"]] if base.get("relative") else []
+    for candidate in [*candidates, Path(base["path"])]:
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate.resolve()
+    raise TinyLMError(f"{path}: its base run {base['path']} is missing",
+                      "put the base run back, or use a run made with tinylm merge")
+
+
+def run_inputs(path: str | Path) -> list[Path]:
+    """A run directory and, for an adapter run, its base runs down the chain: what loading it
+    reads, and so what no output may write over."""
+    chain = [Path(path)]
+    while is_adapter_run(chain[-1]):
+        base = base_run_path(chain[-1], read_run_config(chain[-1]))
+        if base.resolve() in {p.resolve() for p in chain}:
+            raise TinyLMError(f"{path}: its base runs loop back to {base}",
+                              "an adapter run's base_run must lead to a plain run")
+        chain.append(base)
+    return chain
+
+
+def check_base(path: str | Path, config: dict[str, Any], base: Run) -> None:
+    """An adapter run's base must be the model it was trained on: the model config recorded in
+    its config.json, and the tokenizer saved beside the adapter (when there is one)."""
+    hint = "put the adapter's own base run back, or train the adapter again on this base"
+    found = dataclasses.asdict(base.model.config)
+    for key, expected in config["model"].items():
+        if found.get(key) != expected:
+            raise TinyLMError(f"{path}: the adapter was trained on a base with {key}={expected!r}"
+                              f", but its base run {base.path} has {key}={found.get(key)!r}", hint)
+    tokenizer_file = Path(path) / TOKENIZER_FILE
+    if tokenizer_file.is_file():
+        fingerprint = Tokenizer.load(tokenizer_file).fingerprint
+        if fingerprint != base.tokenizer.fingerprint:
+            raise TinyLMError(f"{path}: the adapter's tokenizer ({fingerprint}) is not its base "
+                              f"run's ({base.path}: {base.tokenizer.fingerprint})", hint)
+
+
+def load_adapter_base(path: str | Path) -> tuple[Path, Run]:
+    """An adapter run's base run (itself merged down when it is an adapter run), checked to
+    be the base the adapter was trained on; and where it lives."""
+    path = Path(path)
+    config = read_run_config(path)
+    if FILES_KEY in config:  # sizes and checksums of the adapter files
+        verify_files(path, config[FILES_KEY], str(path / CONFIG_FILE))
+    inputs = run_inputs(path)  # a loop of base runs is an error, not endless recursion
+    base_path = inputs[1] if len(inputs) > 1 else base_run_path(path, config)
+    base = load_run(base_path)
+    check_base(path, config, base)
+    return base_path, base
+
+
+def _load_adapter_run(path: Path, no_merge: bool) -> Run:
+    _, base = load_adapter_base(path)
+    model = load_adapter(base.model, path)
+    model = model.merge_and_unload() if not no_merge else model
+    return Run(path=path, model=model, tokenizer=base.tokenizer, config=read_run_config(path))
+
+
+def merge_run(path: str | Path, out_dir: str | Path, force: bool = False,
+              out: Output = SILENT) -> Path:
+    """Write a plain run (full weights) with the adapter of run `path` merged in. An existing
+    `out_dir` (with `force`) is replaced only once the merged run is complete."""
+    if not is_adapter_run(path):
+        raise TinyLMError(f"{path}: not a LoRA adapter run (no {ADAPTER_CONFIG_FILE})",
+                          "tinylm merge takes the -o directory of tinylm finetune --lora")
+    for source in run_inputs(path):
+        check_distinct(source, out_dir)
+    out_dir = check_output_dir(out_dir, force)
+    run = load_run(path)
+    meta = {k: v for k, v in run.config.items()
+            if k not in ("tinylm_version", "format_version", "model", "base_run", FILES_KEY)}
+    meta["merged_from"] = {"adapter_run": str(Path(path).resolve()),
+                           "base_run": run.config["base_run"]["path"]}
+    with atomic_dir(out_dir) as tmp:
+        save_run(tmp, run.model, run.tokenizer, meta)
+    out.info(f"merged {path} into {out_dir}")
+    return out_dir

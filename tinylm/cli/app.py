@@ -15,16 +15,44 @@ from tinylm.errors import TinyLMError
 
 
 class _Group(TyperGroup):
-    """Turns a `TinyLMError` from any command into `error: ...` on stderr and exit code 2."""
+    """Turns a `TinyLMError` from any command into `error: ...` on stderr and exit code 2.
+
+    Under torchrun the line is printed by one process only (`claim_error_report`); a process
+    whose collective broke because a peer exited on such an error exits 2 without a traceback.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         try:
             return super().invoke(ctx)
         except TinyLMError as exc:
-            if (ctx.obj or {}).get("debug") or os.environ.get("TINYLM_DEBUG"):
+            if _debug(ctx):
                 raise
-            typer.echo(f"error: {exc}", err=True)
+            if not distributed or _claim_error_report():
+                typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except RuntimeError:  # torch.distributed's errors (a peer gone) are RuntimeErrors
+            if distributed and not _debug(ctx) and _peer_reported_error():
+                raise typer.Exit(2) from None
+            raise
+
+
+def _debug(ctx: click.Context) -> bool:
+    """--debug (set on `ctx.obj` by the callback, so read after the command ran) or
+    TINYLM_DEBUG: show tracebacks."""
+    return bool((ctx.obj or {}).get("debug") or os.environ.get("TINYLM_DEBUG"))
+
+
+def _claim_error_report() -> bool:
+    from tinylm.train.distributed import claim_error_report
+
+    return claim_error_report()
+
+
+def _peer_reported_error() -> bool:
+    from tinylm.train.distributed import peer_reported_error
+
+    return peer_reported_error()
 
 
 app = typer.Typer(
@@ -63,11 +91,30 @@ def _main(
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or messages.")]
 Json = Annotated[bool, typer.Option("--json", help="Print results as JSON lines on stdout.")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+Log = Annotated[
+    str | None,
+    typer.Option("--log", help="Also send the metrics to trackers: tensorboard, wandb, mlflow "
+                 "(comma-separated; each an extra: pip install 'tinylm[tensorboard]')."),
+]
 Overrides = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key: KEY=VALUE, e.g. train.lr=1e-3 "
                  "(repeatable)."),
 ]
+
+
+# Every command names what it writes --out / -o; --output is kept as a hidden alias.
+OutputAlias = Annotated[str | None, typer.Option("--output", hidden=True)]
+
+
+def out_path(out: str | None, alias: str | None) -> str:
+    """The output given as --out/-o or its alias --output; a clear error when neither is."""
+    if out is not None and alias is not None and out != alias:
+        raise TinyLMError("give the output once, as --out (or -o)")
+    chosen = out if out is not None else alias
+    if chosen is None:
+        raise TinyLMError("no output given", "name it with --out (or -o)")
+    return chosen
 
 
 def output(quiet: bool, json: bool) -> Output:

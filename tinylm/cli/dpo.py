@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tinylm.cli import tuning
-from tinylm.cli.app import Force, Json, Overrides, Quiet, app
+from tinylm.cli.app import Force, Json, Log, Overrides, Quiet, app
 
 
 @app.command()
@@ -56,10 +56,12 @@ def dpo(
     lora_alpha: tuning.LoraAlpha = None,
     lora_dropout: tuning.LoraDropout = None,
     lora_targets: tuning.LoraTargets = None,
+    template_tokens: tuning.TemplateTokens = None,
     eval_every: tuning.EvalEvery = None,
     seed: tuning.Seed = None,
     device: tuning.Device = None,
     resume: tuning.Resume = False,
+    log: Log = None,
     set_: Overrides = None,
     force: Force = False,
     quiet: Quiet = False,
@@ -89,7 +91,8 @@ def dpo(
         val_fraction=val_fraction, epochs=epochs, max_steps=max_steps, lr=lr,
         batch_size=batch_size, max_length=max_length, lora=lora, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
-        eval_every=eval_every, seed=seed, device=device)
+        eval_every=eval_every, seed=seed, device=device, log=log,
+        template_tokens=template_tokens)
     flags = {**common, "beta": beta, "loss_type": loss, "label_smoothing": label_smoothing,
              "sft_weight": sft_weight,
              "precompute_ref": precompute_ref}

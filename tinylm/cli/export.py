@@ -8,17 +8,17 @@ from typing import Annotated
 
 import typer
 
-from tinylm.cli.app import Force, Json, Quiet, app, output
+from tinylm.cli.app import Force, Json, OutputAlias, Quiet, app, out_path, output
 from tinylm.errors import TinyLMError
 
 
 @app.command("export")
 def export(
     model: Annotated[Path, typer.Option("--model", "-m", help="The run directory to export.")],
-    output_dir: Annotated[
-        Path, typer.Option("--output", "-o", help="The Hugging Face model directory to write "
-                           "(--format hf), or the .gguf file (--format gguf).")
-    ],
+    out_dir: Annotated[
+        str | None, typer.Option("--out", "-o", help="The Hugging Face model directory to write "
+                                 "(--format hf), or the .gguf file (--format gguf).")
+    ] = None,
     fmt: Annotated[
         str, typer.Option("--format", help="hf: a transformers directory; gguf: one file for "
                           "llama.cpp and ollama.")
@@ -32,6 +32,7 @@ def export(
         typer.Option("--merge", help="For a LoRA run: export the merged weights as a plain model "
                      "instead of the base model plus a PEFT adapter."),
     ] = False,
+    output_alias: OutputAlias = None,
     force: Force = False,
     quiet: Quiet = False,
     json: Json = False,
@@ -63,6 +64,7 @@ def export(
         llama-cli -m sft.gguf -cnv
     """
     out = output(quiet, json)
+    output_dir = Path(out_path(out_dir, output_alias))
     if fmt == "gguf":
         from tinylm.interop.gguf import export_gguf
 
@@ -81,7 +83,10 @@ def import_(
     source: Annotated[
         Path, typer.Argument(help="A local Hugging Face model directory (Llama-style or GPT-2).")
     ],
-    output_dir: Annotated[Path, typer.Option("--output", "-o", help="The run directory to write.")],
+    out_dir: Annotated[
+        str | None, typer.Option("--out", "-o", help="The run directory to write.")
+    ] = None,
+    output_alias: OutputAlias = None,
     force: Force = False,
     quiet: Quiet = False,
     json: Json = False,
@@ -102,5 +107,5 @@ def import_(
     from tinylm.interop import import_hf
 
     out = output(quiet, json)
-    summary = import_hf(source, output_dir, force=force, out=out)
+    summary = import_hf(source, Path(out_path(out_dir, output_alias)), force=force, out=out)
     out.table("import", summary)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tinylm.cli import tuning
-from tinylm.cli.app import Force, Json, Overrides, Quiet, app, output
+from tinylm.cli.app import Force, Json, Log, Overrides, Quiet, app, output
 
 
 @app.command()
@@ -46,10 +46,12 @@ def finetune(
     lora_alpha: tuning.LoraAlpha = None,
     lora_dropout: tuning.LoraDropout = None,
     lora_targets: tuning.LoraTargets = None,
+    template_tokens: tuning.TemplateTokens = None,
     eval_every: tuning.EvalEvery = None,
     seed: tuning.Seed = None,
     device: tuning.Device = None,
     resume: tuning.Resume = False,
+    log: Log = None,
     set_: Overrides = None,
     force: Force = False,
     quiet: Quiet = False,
@@ -79,7 +81,8 @@ def finetune(
         val_fraction=val_fraction, epochs=epochs, max_steps=max_steps, lr=lr,
         batch_size=batch_size, max_length=max_length, lora=lora, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
-        eval_every=eval_every, seed=seed, device=device)
+        eval_every=eval_every, seed=seed, device=device, log=log,
+        template_tokens=template_tokens)
     flags = {**common, "data.packing": packing}
     tuning.run_command("finetune", run, flags, base=base, data=data, out_dir=out_dir,
                        config=config, val_data=val_data, set_=set_, resume=resume, force=force,
@@ -105,7 +108,7 @@ def merge(
 
         tinylm merge -m runs/lora -o runs/merged --force --json
     """
-    from tinylm.lora import merge_run
+    from tinylm.run import merge_run
 
     out = output(quiet, json)
     path = merge_run(model, out_dir, force=force, out=out)

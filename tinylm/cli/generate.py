@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tinylm.cli.app import Json, Quiet, app, output
-from tinylm.errors import TinyLMError
 
 if TYPE_CHECKING:
     from tinylm.console import Output
@@ -124,47 +122,24 @@ def generate(
 
         tinylm generate --model runs/base --allow-special "<|endoftext|>Once upon a time"
     """
-    from tinylm.chat import encode_chat
-    from tinylm.generate import fit_prompt, load_for_generation, read_prompts
-    from tinylm.generate import generate as run_generation
+    from tinylm.session import PromptOptions, generate_prompts
 
     out = output(quiet, json)
     _check_args(prompt=prompt, system=system, stop=stop)
     config = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed)
-    if (prompt is None) == (prompts_file is None):
-        raise TinyLMError("give either a PROMPT or --prompts-file", "see tinylm generate --help")
-    if num_samples < 1 or batch_size < 1:
-        raise TinyLMError("--num-samples and --batch-size must be at least 1")
-    if system is not None and not chat:
-        raise TinyLMError("--system applies to --chat prompts", "add --chat")
-    if allow_special and chat:
-        raise TinyLMError("--allow-special applies to plain prompts; chat messages are text",
-                          "drop --chat and write the template yourself, or drop --allow-special")
-    allowed = "all" if allow_special else frozenset()
-    prompts = read_prompts(prompts_file) if prompts_file is not None else [prompt or ""]
-    run = load_for_generation(model, device, no_merge)
-    tok, context = run.tokenizer, run.model.config.max_seq_len
-    ids = []
-    for i, text in enumerate(prompts):
-        what = f"{prompts_file}:{i + 1}" if prompts_file is not None else "the prompt"
-        if chat:
-            system_turn = [{"role": "system", "content": system}] if system is not None else []
-            encoded = encode_chat(tok, [*system_turn, {"role": "user", "content": text}], True)
-        else:  # an empty prompt starts a text from scratch
-            encoded = tok.encode(text, allowed_special=allowed) if text else [tok.eot_id]
-        ids.append(fit_prompt(encoded, context, max_new_tokens, truncate, what, out))
-    rows = [i for i in ids for _ in range(num_samples)]
-    texts = [t for t in prompts for _ in range(num_samples)]
-    streaming = len(rows) == 1 and not json
+    options = PromptOptions(chat, system, allow_special, truncate)
+    streaming = num_samples == 1 and prompts_file is None and not json
 
     def show(_row: int, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
     if streaming and out.out.is_terminal and not chat:
-        out.out.print(prompts[0], style="dim", end="", highlight=False, markup=False)
-    results = run_generation(run.model, tok, rows, config, prompts=texts, batch_size=batch_size,
-                             on_text=show if streaming else None, compile=compile)
+        out.out.print(prompt or "", style="dim", end="", highlight=False, markup=False)
+    texts, results = generate_prompts(
+        model, None if prompt is None else [prompt], config, options, prompts_file=prompts_file,
+        num_samples=num_samples, batch_size=batch_size, device=device, no_merge=no_merge,
+        compile=compile, on_text=show if streaming else None, out=out)
     if json:
         for gen in results:
             out.result(gen.as_dict())
@@ -172,7 +147,7 @@ def generate(
     if streaming:
         sys.stdout.write("\n")
     else:
-        _print_outputs(results, out, len(prompts), num_samples)
+        _print_outputs(results, out, len(texts), num_samples)
     n = sum(g.n_tokens for g in results)
     rate = sum(g.tokens_per_s for g in results) / len(results)
     out.info(f"{n} tokens, prefill {1000 * results[0].prefill_s:.0f} ms, {rate:.1f} tokens/s")
@@ -217,50 +192,21 @@ def chat_command(
 
         tinylm chat --model runs/dpo --system "Answer in one sentence." -t 0
     """
-    from tinylm.chat import fit_history
-    from tinylm.generate import generate as run_generation
     from tinylm.generate import load_for_generation
+    from tinylm.session import chat_loop
 
     out = output(quiet, False)
     _check_args(system=system)
     config = _sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, None, seed)
     run = load_for_generation(model, device, no_merge)
-    context = run.model.config.max_seq_len
-    budget = context - min(max_new_tokens, context // 2)
-    start = [{"role": "system", "content": system}] if system is not None else []
-    fit_history(run.tokenizer, start, budget)  # the tokenizer has the chat tokens, system fits
-    messages = list(start)
-    interactive = sys.stdin.isatty()
     out.info("chat: /reset starts over, /exit ends")
-    turn = 0
-    while True:
-        if interactive:
-            sys.stderr.write("> ")
-        text = _read_line(out)
-        if text is None or text.strip() == "/exit":
-            break
-        if text.strip() == "/reset":
-            messages = list(start)
-            out.info("(history cleared)")
-            continue
-        if not text.strip():
-            continue
-        try:
-            kept, ids = fit_history(run.tokenizer, [*messages, {"role": "user", "content": text}],
-                                    budget)
-        except TinyLMError as exc:
-            out.warn(str(exc))
-            continue
-        if len(kept) < len(messages) + 1:
-            out.warn(f"dropped the {len(messages) + 1 - len(kept)} oldest messages to fit")
-        turn += 1  # each answer its own draw; the session still repeats with the same --seed
-        turn_config = replace(config, seed=None if seed is None else seed + turn)
 
-        def show(_row: int, piece: str) -> None:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-        (answer,) = run_generation(run.model, run.tokenizer, [ids], turn_config, on_text=show)
-        sys.stdout.write("\n")
+    def write(text: str) -> None:
+        sys.stdout.write(text)
         sys.stdout.flush()
-        messages = [*kept, {"role": "assistant", "content": answer.text}]
+
+    def ask() -> None:
+        sys.stderr.write("> ")
+
+    chat_loop(run, config, lambda: _read_line(out), write, system, out,
+              prompt=ask if sys.stdin.isatty() else None)

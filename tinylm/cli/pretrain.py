@@ -6,12 +6,27 @@ from typing import Annotated
 
 import typer
 
-from tinylm.cli.app import Force, Json, Overrides, Quiet, app, exit_if_interrupted, output
+from tinylm.cli.app import (
+    Force,
+    Json,
+    Log,
+    Overrides,
+    Quiet,
+    app,
+    exit_if_interrupted,
+    output,
+)
 
 Files = Annotated[
     list[str] | None,
-    typer.Option("--data", "-d", help="Text files, directories or JSONL with a \"text\" field "
-                 "(repeat the option for several)."),
+    typer.Option("--data", "-d", help="Text, JSONL or parquet files (.gz / .zst of text or "
+                 "JSONL too), directories or quoted globs; repeat for several. PATH:WEIGHT on "
+                 "every value makes a mixture (web.parquet:0.8)."),
+]
+TextField = Annotated[
+    str | None,
+    typer.Option("--text-field", help="The JSONL key or parquet column holding the text "
+                 "(default: text)."),
 ]
 
 
@@ -53,6 +68,8 @@ def pretrain(
                            "(<|endoftext|> between documents) as control tokens; by default "
                            "they are plain text.")
     ] = False,
+    text_field: TextField = None,
+    log: Log = None,
     set_: Overrides = None,
     force: Force = False,
     quiet: Quiet = False,
@@ -75,6 +92,8 @@ def pretrain(
 
         tinylm pretrain -c tiny -d docs.txt -t tok/ -o runs/docs --allow-special
 
+        tinylm pretrain -c small -d "web/*.parquet:0.8" -d code.jsonl.zst:0.2 -t tok/ -o runs/mix
+
         torchrun --nproc_per_node=4 -m tinylm pretrain -c small -d corpus/ -t tok/ -o runs/small
     """
     from tinylm.pretrain import pretrain as run_pretrain
@@ -84,13 +103,12 @@ def pretrain(
         "train.max_time": max_time, "train.save_every": save_every,
         "train.eval_every": eval_every, "train.seed": seed, "train.device": device,
         "train.compile": True if compile else None, "train.fsdp": True if fsdp else None,
-        "data.allow_special": True if allow_special else None,
+        "data.allow_special": True if allow_special else None, "data.text_field": text_field,
     }
-    overrides = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
     out = output(quiet, json)
     result = run_pretrain(
         data, out_dir, config=config, tokenizer=tokenizer, val_data=val_data,
-        overrides=overrides, resume=resume, force=force, out=out,
+        overrides=set_, values={**flags, "train.log": log}, resume=resume, force=force, out=out,
     )
     exit_if_interrupted(out, result, "pretrain", out_dir)
 
@@ -99,8 +117,8 @@ def pretrain(
 def eval_command(
     model: Annotated[str, typer.Option("--model", "-m", help="A run directory.")],
     data: Annotated[list[str], typer.Option(
-        "--data", "-d", help="Text files or directories, instruction JSONL or preference "
-        "JSONL (one kind at a time).")],
+        "--data", "-d", help="Text (files, directories, globs; JSONL or parquet with a text "
+        "field; .gz / .zst), instruction or preference JSONL / parquet (one kind at a time).")],
     batch_size: Annotated[int, typer.Option(help="Windows or examples per forward pass.")] = 16,
     seq_len: Annotated[
         int | None, typer.Option(help="Window length on text (default: the run's training "
@@ -113,6 +131,7 @@ def eval_command(
         int, typer.Option(help="Greedy answer length for exact match (0: reference + 8).")
     ] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    text_field: TextField = None,
     quiet: Quiet = False,
     json: Json = False,
 ) -> None:
@@ -135,11 +154,13 @@ def eval_command(
         tinylm eval -m runs/sft -d val.jsonl
 
         tinylm eval -m runs/dpo -d pairs.jsonl --json
+
+        tinylm eval -m runs/shakes -d "val/*.parquet" --text-field content
     """
     from tinylm.evaluate import evaluate_data
 
     out = output(quiet, json)
     result = evaluate_data(model, data, batch_size=batch_size, seq_len=seq_len,
                            max_tokens=max_tokens, max_new_tokens=max_new_tokens,
-                           device=device, out=out)
+                           device=device, text_field=text_field or "text", out=out)
     out.table(f"eval: {model}", result)

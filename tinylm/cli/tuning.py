@@ -31,6 +31,11 @@ LoraDropout = Annotated[float | None, typer.Option(help="Dropout on LoRA's input
 LoraTargets = Annotated[
     str | None, typer.Option(help="Layers to adapt: q_proj,v_proj (default) or all-linear.")
 ]
+TemplateTokens = Annotated[
+    bool | None, typer.Option("--train-template-tokens/--no-train-template-tokens",
+                              help="With --lora: also train the embedding and head rows of "
+                              "the chat template's tokens, so replies end their turn (on).")
+]
 EvalEvery = Annotated[int | None, typer.Option(help="Steps between evaluations.")]
 Seed = Annotated[int | None, typer.Option(help="Random seed (split, order, init).")]
 Device = Annotated[str | None, typer.Option(help="auto, cpu or cuda.")]
@@ -44,6 +49,7 @@ def common_flags(
     lr: float | None, batch_size: int | None, max_length: int | None, lora: bool | None,
     lora_rank: int | None, lora_alpha: float | None, lora_dropout: float | None,
     lora_targets: str | None, eval_every: int | None, seed: int | None, device: str | None,
+    log: str | None = None, template_tokens: bool | None = None,
 ) -> dict[str, Any]:
     """The config keys of the options `finetune` and `dpo` share, by flag value."""
     return {
@@ -52,6 +58,7 @@ def common_flags(
         "lora.enabled": lora, "lora.rank": lora_rank, "lora.alpha": lora_alpha,
         "lora.dropout": lora_dropout, "lora.targets": lora_targets,
         "train.eval_every": eval_every, "train.seed": seed, "train.device": device,
+        "train.log": log, "lora.train_template_tokens": template_tokens,
     }
 
 
@@ -61,10 +68,9 @@ def run_command(
     val_data: list[str] | None, set_: list[str] | None, resume: bool, force: bool,
     quiet: bool, json: bool,
 ) -> None:
-    """The body of `tinylm finetune` and `tinylm dpo`: `--set` then the given flags as
-    overrides, the run, and on Ctrl-C or SIGTERM how to continue it (exit 130, 143)."""
-    overrides = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    """The body of `tinylm finetune` and `tinylm dpo`: the run (`--set` overrides, then the
+    flags' typed values), and on Ctrl-C or SIGTERM how to continue it (exit 130, 143)."""
     out = output(quiet, json)
-    result = run(base, data, out_dir, config=config, val_data=val_data, overrides=overrides,
-                 resume=resume, force=force, out=out)
+    result = run(base, data, out_dir, config=config, val_data=val_data, overrides=set_,
+                 values=flags, resume=resume, force=force, out=out)
     exit_if_interrupted(out, result, command, out_dir)

@@ -5,7 +5,8 @@ down when the base is itself an adapter run) as the Hugging Face directory DIR, 
 beside it:
 
     DIR/adapter/adapter_config.json        PEFT's LoraConfig, base_model_name_or_path = DIR
-    DIR/adapter/adapter_model.safetensors  the A and B matrices under the HF model's names
+    DIR/adapter/adapter_model.safetensors  the A and B matrices under the HF model's names,
+                                           and the trained rows of the template's tokens
 
 so that `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DIR), DIR/adapter)`
 computes the tinylm LoRA model. The llama family has Hugging Face Llama's module names, so the
@@ -23,32 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tinylm.errors import TinyLMError
+from tinylm.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from tinylm.textio import read_json
 
 if TYPE_CHECKING:
     import torch
 
     from tinylm.model import ModelConfig
-    from tinylm.run import Run
 
 ADAPTER_SUBDIR = "adapter"
 _WEIGHT_PREFIX = "base_model.model."
-
-
-def load_adapter_base(run_dir: Path) -> tuple[Path, Run]:
-    """The base run directory of adapter run `run_dir` and that run loaded (merged, when the
-    base is itself an adapter run)."""
-    from tinylm.lora import base_run_path, check_base, is_adapter_run, load_adapter_run
-    from tinylm.run import load_run, read_run_config
-
-    config = read_run_config(run_dir)
-    if "base_run" not in config:
-        raise TinyLMError(f"{run_dir}/config.json: a LoRA adapter run without a 'base_run' entry",
-                          "is the adapter run complete? tinylm finetune --lora writes it")
-    base_path = base_run_path(run_dir, config)
-    base = load_adapter_run(base_path) if is_adapter_run(base_path) else load_run(base_path)
-    check_base(run_dir, config, base)
-    return base_path, base
 
 
 _GPT2_MODULES = {  # tinylm module (inside a layer) -> GPT2LMHeadModel module (inside a block)
@@ -57,6 +42,13 @@ _GPT2_MODULES = {  # tinylm module (inside a layer) -> GPT2LMHeadModel module (i
     "mlp.down_proj": "mlp.c_proj",
 }
 _QKV = ("q_proj", "k_proj", "v_proj")
+# Trainable token rows (lora.train_template_tokens): PEFT's deltas on the embedding and head.
+_TOKEN_ROWS = "token_adapter.trainable_tokens_delta"
+_GPT2_TOKEN_ROWS = {  # tinylm name -> GPT2LMHeadModel name
+    f"{_WEIGHT_PREFIX}model.embed_tokens.{_TOKEN_ROWS}":
+        f"{_WEIGHT_PREFIX}transformer.wte.{_TOKEN_ROWS}",
+    f"{_WEIGHT_PREFIX}lm_head.{_TOKEN_ROWS}": f"{_WEIGHT_PREFIX}lm_head.{_TOKEN_ROWS}",
+}
 _LORA_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.(lora_[AB])\.weight")
 
 
@@ -89,6 +81,8 @@ def _to_gpt2(
         if match and module.startswith("self_attn.") and module[10:] in _QKV:
             fused.setdefault(int(match.group(1)), {}).setdefault(module[10:], {})[
                 match.group(3)] = tensor
+        elif name in _GPT2_TOKEN_ROWS:
+            out[_GPT2_TOKEN_ROWS[name]] = tensor
         elif match and module in _GPT2_MODULES:
             hf = f"base_model.model.transformer.h.{match.group(1)}.{_GPT2_MODULES[module]}"
             out[f"{hf}.{match.group(3)}.weight"] = tensor
@@ -111,6 +105,10 @@ def _to_gpt2(
     targets = {_GPT2_MODULES[t] for t in _GPT2_MODULES if t.rsplit(".", 1)[1]
                in config["target_modules"]} | ({"attn.c_attn"} if fused else set())
     config = dict(config, target_modules=sorted(targets), fan_in_fan_out=True)
+    rows = config.get("trainable_token_indices")
+    if isinstance(rows, dict):  # the embedding is `wte` in GPT2LMHeadModel
+        config["trainable_token_indices"] = {
+            "wte" if key == "embed_tokens" else key: ids for key, ids in rows.items()}
     if fused:
         n = sizes.pop()
         config["rank_pattern"] = {"c_attn": rank * n}
@@ -127,8 +125,6 @@ def read_peft_adapter(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from tinylm.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-
     config_file, weights_file = run_dir / ADAPTER_CONFIG_FILE, run_dir / ADAPTER_WEIGHTS_FILE
     config = read_json(config_file)
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
@@ -137,12 +133,14 @@ def read_peft_adapter(
         weights = load_file(str(weights_file))
     except (SafetensorError, OSError) as exc:
         raise TinyLMError(f"{weights_file}: not a readable safetensors file ({exc})") from None
-    odd = [name for name in weights if not name.startswith(_WEIGHT_PREFIX) or "lora_" not in name]
+    odd = [name for name in weights if not name.startswith(_WEIGHT_PREFIX)
+           or ("lora_" not in name and not name.endswith(_TOKEN_ROWS))]
     if odd or not weights:
         shown = odd[0] if odd else "(no tensors)"
         raise TinyLMError(f"{weights_file}: tensor {shown!r} is not a LoRA weight tinylm exports")
     # Our module names are HF Llama's, so a name is already the one PEFT expects on
-    # LlamaForCausalLM (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight).
+    # LlamaForCausalLM (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight), and
+    # so are the trainable token rows (model.embed_tokens, lm_head: tied there as here).
     if model.family == "gpt2":
         config, weights = _to_gpt2(config, weights, model, weights_file)
     weights = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in weights.items()}
@@ -155,8 +153,6 @@ def write_peft_adapter(
     """Write an adapter from `read_peft_adapter` into new directory `dest`, naming `hf_dir`
     (the exported model's final place) as its base; a summary (path, rank, targets)."""
     from safetensors.torch import save_file
-
-    from tinylm.lora import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
     config = dict(config)
     config["base_model_name_or_path"] = str(hf_dir.resolve())

@@ -14,17 +14,18 @@ The directory is built under a temporary name beside DIR and renamed when comple
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from tinylm.atomic import atomic_dir
 from tinylm.chat import END_OF_TEXT
 from tinylm.console import SILENT, Output, Stopwatch
 from tinylm.errors import TinyLMError
+from tinylm.interop import adapter as lora_export
 from tinylm.interop import hf_tokenizer
 from tinylm.interop.hf_config import to_hf_config
 from tinylm.interop.hf_weights import to_hf_state
+from tinylm.run import is_adapter_run, load_adapter_base, load_run
 from tinylm.textio import check_distinct, check_output_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -32,18 +33,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the complete directory `tmp` to `final`, replacing what is there (already allowed by
-    --force); the old one is removed only after the new one is in place."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        final.rename(old / final.name)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_hf(
@@ -69,9 +58,6 @@ def export_hf(
     import torch
     from safetensors.torch import save_file
 
-    from tinylm.interop import adapter as lora_export
-    from tinylm.lora import is_adapter_run, load_adapter_run
-    from tinylm.run import load_run
 
     if dtype not in DTYPES:
         raise TinyLMError(f"--dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
@@ -85,11 +71,11 @@ def export_hf(
     clock = Stopwatch()
     unmerged_adapter = adapter_run and not merge
     if unmerged_adapter:
-        base_dir, run = lora_export.load_adapter_base(run_dir)
+        base_dir, run = load_adapter_base(run_dir)
         check_distinct(base_dir, out_dir)
         peft_adapter = lora_export.read_peft_adapter(run_dir, run.model.config, dtype)
     else:
-        run = load_adapter_run(run_dir) if adapter_run else load_run(run_dir)
+        run = load_run(run_dir)
     config, tokenizer = run.model.config, run.tokenizer
     eot_id = tokenizer.special_tokens.get(END_OF_TEXT)
     hf_config = to_hf_config(config, eot_id=eot_id, dtype=dtype)
@@ -98,10 +84,8 @@ def export_hf(
     state = to_hf_state(run.model.state_dict(), config)
     state = {name: t.to(getattr(torch, dtype)).contiguous() for name, t in state.items()}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     extra: dict[str, Any] = {}
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config)
         tokenizer.save(tmp / "tokenizer.json")
@@ -115,10 +99,6 @@ def export_hf(
         if unmerged_adapter:
             extra = lora_export.write_peft_adapter(
                 tmp / lora_export.ADAPTER_SUBDIR, out_dir, *peft_adapter)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary = {
         "path": str(out_dir),
         "architecture": hf_config["architectures"][0],

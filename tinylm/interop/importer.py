@@ -7,18 +7,19 @@ and writes a run directory through `tinylm.run.save_run`.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from tinylm.atomic import atomic_dir
 from tinylm.console import SILENT, Output, Stopwatch
 from tinylm.errors import TinyLMError
-from tinylm.interop.export import replace_dir
 from tinylm.interop.hf_config import from_hf_config
 from tinylm.interop.hf_tokenizer import check_hf_tokenizer
 from tinylm.interop.hf_weights import from_hf_state, read_hf_weights
+from tinylm.model import Transformer
+from tinylm.run import load_checked, save_run
 from tinylm.textio import check_distinct, check_output_dir, read_json
+from tinylm.tokenizer import Tokenizer
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
@@ -36,10 +37,6 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
 
 def load_hf_model(directory: str | Path, out: Output = SILENT) -> tuple[Any, Any, str]:
     """(tinylm `Transformer` in eval mode, `Tokenizer`, architecture) for a Hugging Face dir."""
-    from tinylm.model import Transformer
-    from tinylm.run import load_checked
-    from tinylm.tokenizer import Tokenizer
-
     directory = Path(directory)
     hf = read_hf_config(directory)
     config, arch = from_hf_config(hf, str(directory / "config.json"))
@@ -61,22 +58,14 @@ def import_hf(
     source: str | Path, out_dir: str | Path, *, force: bool = False, out: Output = SILENT
 ) -> dict[str, Any]:
     """Write the Hugging Face model at `source` as a tinylm run in `out_dir`; a summary dict."""
-    from tinylm.run import save_run
-
     source, out_dir = Path(source), Path(out_dir)
     check_distinct(source, out_dir)
     check_output_dir(out_dir, force)
     clock = Stopwatch()
     model, tokenizer, arch = load_hf_model(source, out)  # checked before anything is said
     out.info(f"importing {source} ({arch}) to {out_dir}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_run(tmp, model, tokenizer, {"stage": "import", "source": str(source)})
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     config = model.config
     return {
         "path": str(out_dir),

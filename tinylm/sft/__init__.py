@@ -1,8 +1,10 @@
-"""Instruction tuning data: reading, chat rendering with response masks, batching, losses.
+"""Instruction tuning data: reading, chat rendering with response masks, batching.
+
+The losses over these batches are in `tinylm.losses`; evaluation in `tinylm.sft.evaluate`.
 
     data    the three instruction formats and preference pairs, validated line by line
     render  conversations to `input_ids` + `loss_mask`, segment by segment; truncation
-    batch   padded (length-bucketed) and packed batches, the loop's batch source, the losses
+    batch   padded (length-bucketed) and packed batches, the loop's batch source
     evaluate  validation loss on response tokens, exact match of greedy answers
 """
 
@@ -13,10 +15,7 @@ from tinylm.sft.batch import (
     bucket_batches,
     collate_packed,
     collate_padded,
-    masked_lm_loss,
     pack_windows,
-    sequence_logps,
-    sft_loss,
 )
 from tinylm.sft.data import (
     Conversation,
@@ -55,13 +54,10 @@ __all__ = [
     "encode_example",
     "encode_pairs",
     "encode_segments",
-    "masked_lm_loss",
     "pack_windows",
     "read_conversations",
     "read_preference_pairs",
     "response_mask",
-    "sequence_logps",
-    "sft_loss",
     "to_messages",
     "truncate",
 ]

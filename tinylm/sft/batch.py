@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tinylm.seeds import step_seed
 from tinylm.sft.render import TokenizedExample
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
 
 @dataclass
@@ -161,33 +161,6 @@ def collate_packed(
     return Batch(inputs, labels, mask, positions, block_causal_mask(segments))
 
 
-def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Per-row sum of log p(labels[t]) over the positions where `mask` is True. Shape (B,).
-
-    `logits` (B, T, V) and `labels` (B, T) are already aligned (see the module docstring).
-    """
-    import torch.nn.functional as F
-
-    token_logps = -F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), reduction="none"
-    ).view(labels.shape)
-    return (token_logps * mask).sum(-1)
-
-
-def masked_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Mean cross-entropy over the positions where `mask` is True (the response tokens)."""
-    import torch.nn.functional as F
-
-    flat_mask = mask.flatten()
-    if not bool(flat_mask.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.flatten(0, 1)[flat_mask].float(), labels.flatten()[flat_mask])
-
-
 class SFTBatches:
     """The loop's batch source: `(step, micro) -> batch dict`, a pure function of the seed.
 
@@ -214,8 +187,6 @@ class SFTBatches:
     def plan(self, epoch: int) -> list[list[int]]:
         """The micro-batches of an epoch: lists of example indices (packing: of windows)."""
         if self._plan is None or self._plan[0] != epoch:
-            from tinylm.train.loop import step_seed
-
             seed = step_seed(self.seed, epoch, 1)
             if self.windows is None:
                 batches = bucket_batches(self.lengths, self.micro_batch, seed)
@@ -227,11 +198,17 @@ class SFTBatches:
             self._plan = (epoch, batches)
         return self._plan[1]
 
-    def __call__(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+    def __call__(self, step: int, micro: int, rows: slice | None = None
+                 ) -> dict[str, torch.Tensor] | None:
+        """Micro-batch `micro` of `step`; with `rows`, those of its rows (None if none)."""
         import torch
 
         k = step * self.micros_per_step + micro
         chosen = self.plan(k // self.per_epoch)[k % self.per_epoch]
+        if rows is not None:
+            chosen = chosen[rows]
+            if not chosen:
+                return None
         if self.windows is None:
             batch = collate_padded([self.examples[i] for i in chosen], self.pad_id)
             n_tokens = sum(self.lengths[i] for i in chosen)
@@ -244,10 +221,47 @@ class SFTBatches:
             "n_tokens": torch.tensor(n_tokens)}
 
 
-def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple:
-    """(summed cross-entropy over response tokens, their count, tokens processed)."""
-    extra = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
-    logits = model(batch["input_ids"], **extra)
-    mask = batch["loss_mask"]
-    loss_sum = -sequence_logps(logits, batch["labels"], mask).sum()
-    return loss_sum, mask.sum(), batch.get("n_tokens")
+Pairs = list[tuple[TokenizedExample, TokenizedExample]]
+
+
+def pair_batch(pairs: Pairs, indices: list[int], pad_id: int,
+               ref: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One batch of 2n rows: the chosen sides, then the rejected sides (+ their ref logps)."""
+    import torch
+
+    batch = collate_padded([pairs[i][0] for i in indices] + [pairs[i][1] for i in indices],
+                           pad_id)
+    out = {"input_ids": batch.input_ids, "labels": batch.labels, "loss_mask": batch.loss_mask,
+           "n_tokens": torch.tensor(sum(len(pairs[i][s].input_ids) - 1
+                                        for i in indices for s in (0, 1)))}
+    if ref is not None:
+        idx = torch.tensor(indices)
+        out["ref_logps"] = torch.cat([ref[idx, 0], ref[idx, 1]])
+    return out
+
+
+class PairBatches:
+    """The loop's batch source for preference pairs: a seeded shuffle of the pairs per epoch,
+    `micro_batch` pairs per micro-batch; a pure function of (seed, step, micro)."""
+
+    def __init__(self, pairs: Pairs, micro_batch: int, micros_per_step: int, seed: int,
+                 pad_id: int, ref: torch.Tensor | None = None) -> None:
+        self.pairs, self.micro_batch, self.micros_per_step = pairs, micro_batch, micros_per_step
+        self.seed, self.pad_id, self.ref = seed, pad_id, ref
+        self.per_epoch = math.ceil(len(pairs) / micro_batch)
+
+    def steps_for(self, epochs: float) -> int:
+        """Optimizer steps that cover `epochs` passes over the pairs."""
+        return max(1, math.ceil(epochs * self.per_epoch / self.micros_per_step))
+
+    def __call__(self, step: int, micro: int, rows: slice | None = None
+                 ) -> dict[str, torch.Tensor] | None:
+        """Micro-batch `micro` of `step`; with `rows`, those of its pairs (None if none)."""
+        k = step * self.micros_per_step + micro
+        order = list(range(len(self.pairs)))
+        random.Random(step_seed(self.seed, k // self.per_epoch, 1)).shuffle(order)
+        at = (k % self.per_epoch) * self.micro_batch
+        chosen = order[at : at + self.micro_batch][rows or slice(None)]
+        if not chosen:
+            return None
+        return pair_batch(self.pairs, chosen, self.pad_id, self.ref)

@@ -11,9 +11,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tinylm.sft.batch import collate_padded, sequence_logps
+from tinylm.chat import encode_chat
+from tinylm.generate import SamplingConfig, generate
+from tinylm.losses import sequence_logps
+from tinylm.sft.batch import collate_padded
 from tinylm.sft.data import Conversation
 from tinylm.sft.render import TokenizedExample
+from tinylm.train.distributed import DistInfo, all_reduce_sum
 
 if TYPE_CHECKING:
     from torch import nn
@@ -27,8 +31,6 @@ def validation_loss(model: nn.Module, examples: list[TokenizedExample], micro_ba
                     pad_id: int, dist: DistInfo | None = None) -> dict[str, float]:
     """Mean cross-entropy per response token over all `examples` (length-sorted batches;
     under several processes each takes every world-th batch, all run equally many)."""
-    from tinylm.train.distributed import DistInfo, all_reduce_sum
-
     dist = dist or DistInfo()
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -51,9 +53,6 @@ def greedy_replies(model: nn.Module, tokenizer: Tokenizer,
                    batch_size: int = 16) -> list[str | None]:
     """The model's greedy next assistant turn after each conversation (chat template applied),
     or None where the prompt leaves no room for `max_new_tokens` in the context."""
-    from tinylm.chat import encode_chat
-    from tinylm.generate import SamplingConfig, generate
-
     context = model.config.max_seq_len
     prompts = [encode_chat(tokenizer, c, add_generation_prompt=True) for c in conversations]
     keep = [i for i, p in enumerate(prompts) if len(p) + max_new_tokens <= context]

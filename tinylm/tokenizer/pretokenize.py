@@ -126,11 +126,17 @@ def _char_class_table() -> bytes:
 
 
 def _load_native() -> ModuleType | None:
+    """The accelerator module; None when it is not built or TINYLM_PURE_PYTHON is set. With
+    TINYLM_REQUIRE_NATIVE set (CI, packagers) a missing accelerator is an error, not a silent
+    fall-back to the slower path."""
     if os.environ.get("TINYLM_PURE_PYTHON"):
         return None
     try:
         from tinylm.tokenizer import _fastbpe
-    except ImportError:
+    except ImportError as exc:
+        if os.environ.get("TINYLM_REQUIRE_NATIVE"):
+            raise ImportError(f"TINYLM_REQUIRE_NATIVE is set but the tokenizer's C accelerator "
+                              f"is not importable ({exc}); rebuild with pip install -e .") from exc
         return None
     return _fastbpe
 

@@ -26,7 +26,6 @@ rest resume needs. No pickle.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -39,6 +38,7 @@ from typing import Any
 
 import torch
 
+from tinylm.atomic import atomic_dir, fsync_dir
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
 from tinylm.run import CONFIG_FILE, FILES_KEY, file_records, verify_files
@@ -91,29 +91,6 @@ def remove_partial(run_dir: str | Path) -> None:
         for path in run_dir.glob(".*.tmp"):
             if path.is_file():
                 path.unlink(missing_ok=True)
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in sorted(path.rglob("*")):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path, strict: bool = True) -> None:
-    """Make the renames in `path` durable. Platforms that cannot sync a directory are
-    skipped; other errors (a failing disk) raise when `strict`."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if strict and exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _jsonable(value: Any) -> Any:
@@ -184,34 +161,21 @@ def write_checkpoint(
     `keep`. `write_model(dir)` writes the model files (config.json, weights, tokenizer).
     A write that fails (disk full, permissions) raises `TinyLMError` and leaves the previous
     checkpoint and the run's files as they were."""
-    root = Path(run_dir) / CHECKPOINTS
     final = checkpoint_dir(run_dir, step)
     previous = latest_checkpoint(run_dir)
-    tmp: Path | None = None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from the group
-        write_model(tmp)
-        (tmp / STATE_DIR).mkdir()
-        optim_json = save_optimizer_state(tmp / STATE_DIR, optim_state)
-        state = {"format": STATE_FORMAT, **progress, "optimizer": optim_json,
-                 FILES_KEY: file_records(tmp, _unrecorded_files(tmp))}
-        state["checksum"] = _state_checksum(state)
-        (tmp / STATE_DIR / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-        _fsync_tree(tmp)
-        if final.exists():  # the same step saved again after a resume: replace it
-            old = root / f".tmp-old-{final.name}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException as exc:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, Exception) and _write_failed(exc):
+        # The same step saved again after a resume replaces its checkpoint.
+        with atomic_dir(final, prefix=f".tmp-{final.name}-", durable=True) as tmp:
+            write_model(tmp)
+            (tmp / STATE_DIR).mkdir()
+            optim_json = save_optimizer_state(tmp / STATE_DIR, optim_state)
+            state = {"format": STATE_FORMAT, **progress, "optimizer": optim_json,
+                     FILES_KEY: file_records(tmp, _unrecorded_files(tmp))}
+            state["checksum"] = _state_checksum(state)
+            (tmp / STATE_DIR / STATE_FILE).write_text(json.dumps(state, indent=1),
+                                                      encoding="utf-8")
+    except Exception as exc:
+        if _write_failed(exc):
             kept = f"{previous} is intact" if previous else "no earlier checkpoint"
             raise TinyLMError(f"{final}: could not write the checkpoint ({exc}); {kept}",
                               "free disk space or fix permissions, then continue with --resume"
@@ -255,7 +219,7 @@ def publish_latest(run_dir: Path, checkpoint: Path) -> None:
         for tmp, target in staged:
             os.replace(tmp, target)
             tmp.unlink(missing_ok=True)  # rename() does nothing when both name one file
-        _fsync_dir(run_dir, strict=False)  # the checkpoint is durable; resume republishes
+        fsync_dir(run_dir, strict=False)  # the checkpoint is durable; resume republishes
     except OSError as exc:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)

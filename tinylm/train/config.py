@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from tinylm.errors import TinyLMError
@@ -16,11 +16,11 @@ class TrainConfig:
     gradient-accumulation steps from it; `micro_batch` is what one device runs per forward.
     """
 
-    max_steps: int = 1000
+    max_steps: int | None = 1000  # None: the stage derives it (tuning: from its epochs)
     max_time: float | None = None  # seconds; stop cleanly (eval, save) when it is up
     micro_batch: int = 16  # sequences per forward pass on one device
     optimizer: Literal["adamw", "muon"] = "adamw"
-    lr: float = 1e-3  # peak learning rate (AdamW; Muon's embeddings, norms and head)
+    lr: float | None = 1e-3  # peak (AdamW; Muon's embeddings, norms, head); None: stage's
     muon_lr: float = 0.02  # peak learning rate of the hidden matrices under Muon
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -41,21 +41,28 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2)
+    # trackers that get metrics.jsonl's records live: tensorboard, wandb, mlflow (extras)
+    log: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        from tinylm.train.trackers import check_trackers
+
+        # An unknown or uninstalled tracker fails here, when the config is built, before work.
+        self.log = check_trackers([self.log] if isinstance(self.log, str) else self.log)
+
         def bad(key: str, why: str) -> TinyLMError:
             return TinyLMError(f"train.{key}: {why}", "fix the train section of the config")
 
         for key in ("max_steps", "micro_batch", "log_every"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise bad(key, f"must be a positive integer, got {getattr(self, key)}")
         for key in ("warmup_steps", "eval_every", "eval_tokens", "save_every"):
             if getattr(self, key) < 0:
                 raise bad(key, f"must be 0 or more, got {getattr(self, key)}")
         if self.keep_checkpoints < 1:
             raise bad("keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
-        if self.lr <= 0 or self.muon_lr <= 0:
-            raise bad("lr" if self.lr <= 0 else "muon_lr", "must be positive")
+        if (self.lr is not None and self.lr <= 0) or self.muon_lr <= 0:
+            raise bad("muon_lr" if self.muon_lr <= 0 else "lr", "must be positive")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.decay_fraction <= 1.0:

@@ -106,6 +106,29 @@ def shard_model(model: nn.Module, dist: DistInfo) -> None:
     fully_shard(model)
 
 
+@dataclass
+class PlacedModel:
+    """A model on its training device: `module` (sharded under FSDP2), and under FSDP2 on
+    rank 0 an unsharded CPU `shadow` copy through which whole weights are written and read."""
+
+    module: nn.Module
+    shadow: nn.Module | None = None
+
+
+def place_model(model: nn.Module, dist: DistInfo, fsdp: bool = False,
+                keep_shadow: bool = True) -> PlacedModel:
+    """Move `model` to this process's device and, with `fsdp`, shard it over the processes
+    (keeping rank 0's CPU shadow copy when `keep_shadow`). The one place a stage's models
+    are put where they run."""
+    import copy
+
+    model.to(dist.device)
+    shadow = copy.deepcopy(model).to("cpu") if fsdp and keep_shadow and dist.is_main else None
+    if fsdp:
+        shard_model(model, dist)
+    return PlacedModel(model, shadow)
+
+
 def reshard(model: nn.Module) -> None:
     """FSDP2 keeps the root's parameters gathered after a forward without backward (eval);
     shard them again so optimizer and checkpoint see the sharded parameters."""
@@ -140,3 +163,45 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     if setter is not None:
         setter(enabled)
     yield
+
+
+def _job_store(timeout_s: float) -> Any:
+    """A client of the key-value store torchrun's launcher keeps for the whole job (at
+    MASTER_ADDR:MASTER_PORT, the convention torchrun documents), or None without one."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    return tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timedelta(seconds=timeout_s))
+
+
+def _error_key() -> str:
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return f"tinylm/error/{job}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def claim_error_report(timeout_s: float = 10.0) -> bool:
+    """Whether this process should print the user's error it raised. Under torchrun only the
+    first process of the job to raise one does, so an error every process meets (a bad config)
+    is printed once, and one that a single process meets (a file missing on one node) is
+    printed too. Outside torchrun, or without the launcher's store, always."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    try:
+        store = _job_store(timeout_s)
+        return store is None or store.add(_error_key(), 1) == 1
+    except (RuntimeError, ValueError, KeyError):  # the store is gone: twice beats never
+        return True
+
+
+def peer_reported_error(timeout_s: float = 5.0) -> bool:
+    """True under torchrun when another process of the job has printed a user's error: this
+    process's broken collective (its peer exited) is a consequence, not news."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    try:
+        store = _job_store(timeout_s)
+        return store is not None and bool(store.check([_error_key()]))
+    except (RuntimeError, ValueError, KeyError):
+        return False

@@ -13,6 +13,11 @@ from weights that are not finite, so the last checkpoint is always a good one.
         so a batch source that is a pure function of (seed, step, micro) gives the same global
         batch on any number of processes, and resume is exact. Tensors may live on the CPU; the
         loop moves tensors (also inside tuples, lists and dicts) to the device.
+    batches(step, micro, rows) -> batch or None
+        when `accum_steps` is a `tinylm.train.batching.BatchSplit` whose processes run parts of
+        the source's micro-batches: just the rows `rows` (a slice) of micro-batch `micro`, or
+        None when the micro-batch is too short to have any of them (an epoch's last). Micro-
+        batches the processes run whole are asked for as `batches(step, micro)`.
     loss_fn(model, batch) -> (loss_sum, count) or LossOutput(loss_sum, count, tokens, metrics)
         `loss_sum`: the loss SUMMED over `count` units (tokens for a language-model loss,
         pairs for DPO). The loop divides the gradient by the count over the whole global
@@ -30,8 +35,6 @@ from weights that are not finite, so the last checkpoint is always a good one.
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
 import math
 import signal
 import threading
@@ -39,38 +42,34 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
+from tinylm.losses import LossOutput
+from tinylm.run import WEIGHTS_FILE, load_weights
+from tinylm.seeds import step_seed
 from tinylm.train import checkpoint as ckpt
+from tinylm.train.batching import BatchSplit
 from tinylm.train.config import TrainConfig
 from tinylm.train.distributed import (
     DistInfo,
+    PlacedModel,
     all_reduce_sum,
     barrier,
     broadcast_object,
     gradient_sync,
+    place_model,
     reshard,
-    shard_model,
     wrap_for_training,
 )
 from tinylm.train.optim import build_optimizers, set_lr
 from tinylm.train.report import MetricsLog, finish_report
 from tinylm.train.schedule import lr_multiplier
-
-
-class LossOutput(NamedTuple):
-    """What a loss function returns: a sum over `count` units, and optional extras."""
-
-    loss_sum: torch.Tensor
-    count: torch.Tensor | int
-    tokens: torch.Tensor | int | None = None
-    metrics: dict[str, torch.Tensor] | None = None
-
+from tinylm.train.trackers import open_trackers
 
 BatchFn = Callable[[int, int], Any]
 LossFn = Callable[[nn.Module, Any], tuple]
@@ -104,12 +103,6 @@ def accumulation_steps(global_units: int, micro_units: int, world_size: int, wha
             "change train.micro_batch or the batch size",
         )
     return global_units // per_step
-
-
-def step_seed(seed: int, step: int, stream: int) -> int:
-    """A 63-bit seed that depends only on (seed, step, stream), for exact resume."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -159,29 +152,21 @@ def _catch_stop_signals() -> Iterator[list[int]]:
 
 
 def _default_load(checkpoint: Path, model: nn.Module) -> None:
-    from tinylm.run import WEIGHTS_FILE, load_weights
-
     load_weights(model, checkpoint / WEIGHTS_FILE)  # type: ignore[arg-type]
 
 
 class _Session:
     """The state of one `train` call: model, optimizers, counters and how to save."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, dist: DistInfo, run_dir: Path,
+    def __init__(self, placed: PlacedModel, cfg: TrainConfig, dist: DistInfo, run_dir: Path,
                  save_model: SaveFn, load_model: LoadFn) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         self.cfg, self.dist, self.run_dir = cfg, dist, run_dir
         self.save_model, self.load_model = save_model, load_model
-        if cfg.fsdp and cfg.optimizer == "muon":
-            raise TinyLMError("train.optimizer=muon does not work with --fsdp", "use adamw")
-        model.to(dist.device)
         # Under FSDP rank 0 keeps an unsharded CPU copy to write (and read) whole weights.
-        self.shadow = copy.deepcopy(model).to("cpu") if cfg.fsdp and dist.is_main else None
-        if cfg.fsdp:
-            shard_model(model, dist)
-        self.model = model
-        self.optimizers = build_optimizers(model, cfg)
+        self.model, self.shadow = placed.module, placed.shadow
+        self.optimizers = build_optimizers(self.model, cfg)
         self.full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         self.progress: dict[str, Any] = {"step": 0, "tokens": 0, "elapsed_s": 0.0, "eval_s": 0.0,
                                          "seed": cfg.seed, "last_eval": {}}
@@ -265,13 +250,13 @@ class _Session:
 
 
 def train(
-    model: nn.Module,
+    model: nn.Module | PlacedModel,
     batches: BatchFn,
     loss_fn: LossFn,
     cfg: TrainConfig,
     *,
     run_dir: str | Path,
-    accum_steps: int,
+    accum_steps: int | BatchSplit,
     save_model: SaveFn,
     evaluate: EvalFn | None = None,
     load_model: LoadFn = _default_load,
@@ -283,6 +268,8 @@ def train(
 ) -> TrainResult:
     """Train `model` for `cfg.max_steps` optimizer steps (or `cfg.max_time` seconds).
 
+    `model` is placed on the device (and sharded under FSDP) here unless it comes placed
+    (`tinylm.train.distributed.place_model`, as the stage launcher does).
     Each step runs `accum_steps` micro-batches per process, then one optimizer update. Writes
     RUN/metrics.jsonl, checkpoints (every `cfg.save_every` steps and at the end), and at the
     end report.md and loss_curve.png (with `config`, the effective settings, in the report).
@@ -297,16 +284,23 @@ def train(
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    session = _Session(model, cfg, dist, run_dir, save_model, load_model)
+    if cfg.fsdp and cfg.optimizer == "muon":
+        raise TinyLMError("train.optimizer=muon does not work with --fsdp", "use adamw")
+    placed = model if isinstance(model, PlacedModel) else place_model(model, dist, cfg.fsdp)
+    session = _Session(placed, cfg, dist, run_dir, save_model, load_model)
     resumed_from = session.restore(out) if resume else None
     progress = session.progress
     log = None
     if dist.is_main:
+        resume_step = progress["step"] if resume else None
+        trackers = open_trackers(cfg.log, run_dir, resume_step=resume_step, config=config or {},
+                                 model=placed.module, warn=out.warn)  # TensorBoard, W&B...
         with disk_errors(run_dir):
-            log = MetricsLog(run_dir, progress["step"] if resume else None)
+            log = MetricsLog(run_dir, resume_step, trackers)
     if resumed_from is not None:
         out.info(f"resuming from {resumed_from} (step {progress['step']})")
-    runner = _Runner(session, wrap_for_training(model, dist, cfg.compile, cfg.fsdp), batches,
+    runner = _Runner(session, wrap_for_training(placed.module, dist, cfg.compile, cfg.fsdp),
+                     batches,
                      loss_fn, evaluate, accum_steps, log, out)
     try:
         with _catch_stop_signals() as interrupted, out.progress(title, total=cfg.max_steps) as bar:
@@ -362,29 +356,46 @@ class _Runner:
     """The step loop proper; separated from `train` so each part reads in one screen."""
 
     def __init__(self, session: _Session, train_model: nn.Module, batches: BatchFn,
-                 loss_fn: LossFn, evaluate: EvalFn | None, accum_steps: int,
+                 loss_fn: LossFn, evaluate: EvalFn | None, accum_steps: int | BatchSplit,
                  log: MetricsLog | None, out: Output) -> None:
         self.s, self.model, self.batches, self.loss_fn = session, train_model, batches, loss_fn
-        self.evaluate, self.accum, self.log, self.out = evaluate, accum_steps, log, out
+        self.evaluate, self.log, self.out = evaluate, log, out
+        self.split = accum_steps if isinstance(accum_steps, BatchSplit) else None
+        self.accum = self.split.accum if self.split is not None else int(accum_steps)
         self.cfg, self.dist = session.cfg, session.dist
         self.autocast = autocast_context(self.dist.device, self.cfg.precision)
         self.params = [p for p in session.model.parameters() if p.requires_grad]
+
+    def micro_batch(self, step: int, k: int) -> tuple[Any, float]:
+        """This process's `k`-th micro-batch of `step`, and its weight (0 for a stand-in)."""
+        if self.split is None:
+            return self.batches(step, self.dist.rank * self.accum + k), 1.0
+        source, rows = self.split.part(self.dist.rank, k)
+        if self.split.whole:
+            return self.batches(step, source), 1.0
+        batch = self.batches(step, source, rows)  # type: ignore[call-arg]
+        if batch is None:
+            # No row of this short micro-batch is this process's: its first row, weighted 0,
+            # still runs forward and backward, so DDP's and FSDP's collectives stay in step.
+            return self.batches(step, source, slice(0, 1)), 0.0  # type: ignore[call-arg]
+        return batch, 1.0
 
     def forward_backward(self, step: int) -> dict[str, torch.Tensor]:
         """All micro-batches of one step; the summed loss, count, tokens and extra metrics."""
         sums: dict[str, torch.Tensor] = {}
         for micro in range(self.accum):
-            batch = to_device(self.batches(step, self.dist.rank * self.accum + micro),
-                              self.dist.device)
+            batch, weight = self.micro_batch(step, micro)
+            batch = to_device(batch, self.dist.device)
             with gradient_sync(self.model, micro == self.accum - 1):
                 with self.autocast:
                     result = LossOutput(*self.loss_fn(self.model, batch))
-                result.loss_sum.backward()
+                (result.loss_sum * weight).backward()
             parts = {"loss": result.loss_sum.detach(), "count": result.count,
                      "tokens": result.count if result.tokens is None else result.tokens,
                      **(result.metrics or {})}
             for key, value in parts.items():
                 value = torch.as_tensor(value, dtype=torch.float64, device=self.dist.device)
+                value = value * weight
                 sums[key] = sums[key] + value.detach() if key in sums else value.detach()
         return sums
 
