@@ -43,6 +43,8 @@ def test_one_process_is_unchanged_and_two_halve_the_micro_batch() -> None:
     two = split_batch(8, 8, 2, "train.batch_size")
     assert (two.micro, two.accum, two.nominal) == (4, 1, 8)
     assert rows_of(8, 8, 2) == [[(0, r) for r in range(4)], [(0, r) for r in range(4, 8)]]
+    # A batch that is no multiple of micro_batch: the largest micro-batch that divides it.
+    assert (split_batch(6, 8, 1, "b").micro, split_batch(12, 8, 2, "b").micro) == (6, 6)
     # Whole micro-batches per process when they divide: today's behaviour, rows untouched.
     four = split_batch(32, 8, 2, "train.batch_size")
     assert (four.micro, four.accum) == (8, 2)

@@ -80,9 +80,10 @@ def split_batch(units: int, micro_batch: int, world_size: int, what: str, *,
             f"{_multiples_near(world_size * scale, units * scale)}, or run "
             f"{_process_counts(units, world_size)} processes",
         )
-    # The source's micro-batch is the config's whenever it divides the batch, so a config
-    # that ran before draws the same rows.
-    nominal = math.gcd(units, micro_batch)
+    # The source's micro-batch: the largest that divides the batch and fits micro_batch (the
+    # config's whenever it divides, so a config that ran before draws the same rows). It does
+    # not depend on the number of processes; only the pieces each process runs do.
+    nominal = max(d for d in range(1, min(units, micro_batch) + 1) if units % d == 0)
     micro = math.gcd(units // world_size, nominal)
     return BatchSplit(units, nominal, micro, units // world_size // micro, world_size)
 
