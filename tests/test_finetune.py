@@ -322,5 +322,5 @@ def test_user_errors_exit_2(tmp_path):
                                    str(tmp_path / "o2"), "--max-length", "500"])
     assert too_long.exit_code == 2 and "max_length" in too_long.output
     bad_batch = runner.invoke(app, ["finetune", "-b", str(base), "-d", str(data), "-o",
-                                    str(tmp_path / "o3"), "--batch-size", "6"])
+                                    str(tmp_path / "o3"), "--batch-size", "0"])
     assert bad_batch.exit_code == 2 and "batch_size" in bad_batch.output
