@@ -94,13 +94,15 @@ class GroupBatches:
         """This process's prompts of a generation batch: per chunk, its share of batch_size."""
         n, per_gen = len(self.prompts), self.batch_size * self.s.steps_per_generation
         share = self.batch_size // self.world
+        orders: dict[int, list[int]] = {}  # epoch -> its seeded order of the prompts
         picked = []
         for chunk in range(self.s.steps_per_generation):
             for k in range(share):
                 at = generation * per_gen + chunk * self.batch_size + self.rank * share + k
-                order = list(range(n))
-                random.Random(step_seed(self.seed, at // n, 1)).shuffle(order)
-                picked.append(order[at % n])
+                if at // n not in orders:
+                    orders[at // n] = list(range(n))
+                    random.Random(step_seed(self.seed, at // n, 1)).shuffle(orders[at // n])
+                picked.append(orders[at // n][at % n])
         return picked
 
     def _file(self, generation: int) -> Path:
@@ -168,11 +170,26 @@ class GroupBatches:
         start = chunk * per_chunk + local * self.rows_per_micro
         rows = slice(start, start + self.rows_per_micro)
         chunk_rows = slice(chunk * per_chunk, (chunk + 1) * per_chunk)
-        out = {k: v[rows] for k, v in batch.items() if k != "rewards"}
+        out = trimmed({k: v[rows] for k, v in batch.items() if k not in ("rewards", "ended")})
         out["stats"] = chunk_stats(batch, chunk_rows, self.s.num_generations,
                                    [r.name for r in self.rewards],
                                    [r.weight for r in self.rewards])
         return out
+
+
+def trimmed(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A micro-batch without the padding columns none of its rows needs: prompts are
+    left-padded to the generation batch's longest, completions right-padded to its longest
+    (the model counts positions from each row's first token, so nothing else changes)."""
+    width = max(int(batch["completion_mask"].sum(-1).max()), 1)
+    pad = int((batch["prompt_mask"].sum(0) == 0).sum())
+    out = dict(batch)
+    for key in ("completion_ids", "completion_mask", "old_logps", "ref_logps"):
+        if key in out:
+            out[key] = out[key][:, :width]
+    for key in ("prompt_ids", "prompt_mask"):
+        out[key] = batch[key][:, pad:]
+    return out
 
 
 def clear_rollouts(run_dir: Path) -> None:

@@ -112,6 +112,8 @@ def score_rollouts(model: nn.Module, rollouts: Rollouts, temperature: float,
     """(N, C) float32 log-probs of every completion token under `model`, `micro_batch` rows at
     a time (for the old policy's or the reference's log-probs)."""
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
     n_completion = rollouts.completion_ids.shape[1]
     ids, mask = rollouts.input_ids, rollouts.attention_mask
     parts = []
@@ -120,4 +122,5 @@ def score_rollouts(model: nn.Module, rollouts: Rollouts, temperature: float,
         logps, _ = completion_logps(model, ids[rows].to(device), mask[rows].to(device),
                                     n_completion, temperature)
         parts.append(logps.float().cpu())
+    model.train(was_training)
     return torch.cat(parts) * rollouts.completion_mask

@@ -105,6 +105,16 @@ class RLConfig:
             raise bad("train.fsdp", "rl samples with the whole model; use DDP (no --fsdp)")
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (TRL's `disable_dropout`, on by default): with it, the ratio of
+    the policy's log-probs to the sampler's would be noise even before any update."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = 0.0  # tinylm's blocks apply F.dropout with this rate
+
+
 def make_loss_fn(cfg: RLConfig):
     """The loop's loss: the clipped GRPO objective of a micro-batch of completions, and its
     metrics as sums that the loop's division by the count turns into means."""
@@ -161,7 +171,8 @@ def build(ctx: StageContext) -> Plan:
                                "train.batch_size x num_generations")
     model.eval()
     frozen = ctx.frozen_copy(model) if cfg.beta and not cfg.lora.enabled else None
-    model, trainable, total = make_trainable(model, cfg.lora, t.seed)
+    model, trainable, total = make_trainable(model, cfg.lora, t.seed, tokenizer)
+    disable_dropout(model)
     model = ctx.place(model)
     lora = cfg.lora.enabled
 
