@@ -298,3 +298,17 @@ def test_finetune_and_dpo_data_in_parquet_read_as_the_jsonl(tmp_path):
     for read in (read_conversations, read_preference_pairs):
         with pytest.raises(TinyLMError, match="other.parquet: no column of an instruction"):
             read(tmp_path / "other.parquet")
+
+
+def test_encode_stream_on_processes_gives_the_ids_of_one_thread():
+    """A custom split regex runs on processes (the C scanner knows only the built-in ones):
+    the same packed ids, in order, with the end-of-text ids in place."""
+    custom = Tokenizer.train(["some words, some more words; and code(x) = 1"] * 20, 300,
+                             pattern=r"\w+|\s+|[^\w\s]+")
+    assert not parallel.uses_threads(custom.pattern)
+    groups = [([f"words {i} and code({i})", " more"], [False, True]) for i in range(6)]
+    pooled = list(parallel.encode_stream(custom, iter(groups), frozenset(), "uint32", 2))
+    alone = [parallel.pack_group(custom, t, e, frozenset(), "uint32") for t, e in groups]
+    assert pooled == alone
+    ids = [int.from_bytes(alone[0][i:i + 4], "little") for i in range(0, len(alone[0]), 4)]
+    assert ids == [*custom.encode("words 0 and code(0)"), *custom.encode(" more"), custom.eot_id]

@@ -93,8 +93,9 @@ def _safe_split(text: str) -> int:
     return match.end() if match else -1
 
 
-def _corrupt(path: Path, where: str, exc: Exception) -> TinyLMError:
-    return TinyLMError(f"{path}{where}: corrupt compressed data ({exc})",
+def _corrupt(where: str, exc: Exception, after: str = "") -> TinyLMError:
+    """The error for a compressed stream that broke at `where` ("file" or "file:line")."""
+    return TinyLMError(f"{where}: corrupt compressed data{after} ({exc})",
                        "the file is damaged or truncated; re-create or re-download it")
 
 
@@ -112,9 +113,9 @@ def _iter_file_text(
     with open_data(path, compression, hint) as f:
         while True:
             try:
-                block = f.read(READ_BYTES)
+                block = f.read1(READ_BYTES)  # what was read before a corrupt block counts
             except CorruptData as exc:
-                raise _corrupt(path, f": after {offset:,} bytes of text", exc) from None
+                raise _corrupt(str(path), exc, f" after {offset:,} bytes of text") from None
             try:
                 text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as exc:
@@ -198,7 +199,7 @@ def iter_jsonl(path: str | Path, hint: str = "check the path") -> Iterator[tuple
             try:
                 raw = f.readline(MAX_LINE_BYTES + 1)
             except CorruptData as exc:
-                raise _corrupt(path, f":{lineno + 1}", exc) from None
+                raise _corrupt(f"{path}:{lineno + 1}", exc) from None
             if not raw:
                 break
             lineno += 1
