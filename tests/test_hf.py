@@ -471,11 +471,19 @@ def test_export_gpt2_lora_run_fuses_qkv_adapters_for_peft(tmp_path, tok, targets
     assert torch.allclose(actual, expected, atol=1e-4, rtol=0), (actual - expected).abs().max()
 
 
+def _forget_file_records(run: Path) -> None:
+    """Drop config.json's sizes and checksums, as for a run whose files were edited by hand."""
+    config = json.loads((run / "config.json").read_text())
+    config.pop("files", None)
+    (run / "config.json").write_text(json.dumps(config))
+
+
 def test_export_lora_refusals(tmp_path, tok):
     base = _make_run(tmp_path / "base", tok, family="gpt2")
     adapter = _make_adapter_run(tmp_path / "lora", base, seed=5)
     config_file = adapter / "adapter_config.json"
     config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), use_rslora=True)))
+    _forget_file_records(adapter)  # edited by hand: no integrity record to check
     result = runner.invoke(app, ["export", "--model", str(adapter), "-o", str(tmp_path / "hf")])
     assert result.exit_code == 2, result.output
     assert result.stderr.count("\n") == 1 and "--merge" in result.stderr

@@ -299,7 +299,8 @@ def base_run_path(path: str | Path, config: dict[str, Any]) -> Path:
     runs), then the absolute path recorded at training time."""
     base = config.get("base_run")
     if not isinstance(base, dict) or "path" not in base:
-        raise TinyLMError(f"{path}/config.json: adapter run without a 'base_run' entry")
+        raise TinyLMError(f"{path}/config.json: a LoRA adapter run without a 'base_run' entry",
+                          "is the adapter run complete? tinylm finetune --lora writes it")
     candidates = [Path(path) / base["relative"]] if base.get("relative") else []
     for candidate in [*candidates, Path(base["path"])]:
         if (candidate / CONFIG_FILE).is_file():
