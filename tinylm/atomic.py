@@ -69,8 +69,13 @@ def atomic_dir(target: str | Path, *, prefix: str | None = None, durable: bool =
         yield tmp
         if durable:
             fsync_tree(tmp)
-        if not replace and target.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not replace:
+            try:
+                os.rename(tmp, target)  # fails when another process published it first
+            except OSError:
+                if not target.exists():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
             return
         old = tmp.with_name(f"{tmp.name}-old") if target.exists() else None
         if old is not None:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tinylm.atomic import atomic_dir
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
 from tinylm.sources import DEFAULT_TEXT_FIELD, DataFile, DataValue, mixture_weights
@@ -207,11 +206,11 @@ def _encode_files(
         return TokenStream.open(final)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
     except OSError as exc:
         raise TinyLMError(f"{root}: cannot write the token cache there ({exc.strerror})",
                           "set data.cache_dir or $TINYLM_CACHE to a writable directory") from None
-    try:
+    # Another process may encode the same corpus meanwhile: the first to finish wins.
+    with atomic_dir(final, prefix=f".tmp-{key}-", replace=False) as tmp:
         dtype = token_dtype(tokenizer.vocab_size)
         writer = _ShardWriter(tmp, dtype, shard_tokens)
         try:
@@ -222,15 +221,6 @@ def _encode_files(
                  "eot_id": tokenizer.eot_id, "tokenizer": tokenizer.fingerprint, **counts,
                  "files": records, "shards": writer.shards}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1), encoding="utf-8")
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished the same encoding first
-            if not (final / INDEX_FILE).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     out.info(f"encoded {counts['n_bytes']:,} bytes into {counts['n_tokens']:,} tokens ({final})")
     return TokenStream.open(final)
 
