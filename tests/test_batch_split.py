@@ -284,3 +284,37 @@ def test_an_error_under_torchrun_is_printed_once(pretrain_setup: list[str], tmp_
     assert result.returncode != 0
     assert re.search(r"exitcode\s*:\s*2\b", result.stderr), result.stderr
     assert not re.search(r"exitcode\s*:\s*1\b", result.stderr), result.stderr
+
+
+ONE_RANK_FAILS = """\
+import torch.distributed as dist
+
+from tinylm.cli.app import app
+from tinylm.errors import TinyLMError
+
+
+@app.command("boom")
+def boom(rank: int) -> None:
+    dist.init_process_group("gloo")
+    if dist.get_rank() == rank:
+        raise TinyLMError(f"only rank {rank} met this")
+    dist.barrier()  # the others wait for it; its exit must end their wait, not hang it
+
+
+app()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_error_on_one_rank_is_printed_by_it_and_the_others_exit(tmp_path: Path,
+                                                                   rank: int) -> None:
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS, encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(script), "boom", str(rank)]
+    result = _run(command)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: only rank {rank} met this"], result.stderr
+    assert f'File "{script}"' not in result.stderr  # no traceback, the waiting rank's neither
+    assert result.returncode != 0

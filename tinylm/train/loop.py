@@ -131,17 +131,18 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @contextlib.contextmanager
 def _catch_stop_signals() -> Iterator[list[int]]:
     """[signal number], set by the first Ctrl-C or SIGTERM (what schedulers such as Slurm, and
-    torchrun passing one on, send before a kill): the loop then saves and stops. A second signal
-    aborts at once."""
+    torchrun passing one on, send before a kill): the loop then saves and stops. A second
+    Ctrl-C aborts at once; a second SIGTERM does not, since a worker under torchrun gets one
+    from the scheduler (Slurm signals every process of a job step) and one from torchrun."""
     flag = [0]
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if flag[0]:
+        if flag[0] and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        flag[0] = signum
+        flag[0] = flag[0] or signum
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
