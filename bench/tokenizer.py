@@ -295,6 +295,7 @@ def main() -> None:
     import tokenizers
 
     from tinylm.chat import DEFAULT_SPECIAL_TOKENS
+    from tinylm.tokenizer import Tokenizer
     from tinylm.tokenizer.parallel import available_cpus
     from tinylm.tokenizer.pretokenize import GPT4_PATTERN, native
     from tinylm.tokenizer.training import train_from_texts
@@ -316,7 +317,8 @@ def main() -> None:
         args.repeats, lambda: hf_train(train_docs, args.vocab_size, GPT4_PATTERN, specials)
     )
     t_ours, result = best_of(
-        args.repeats, lambda: train_from_texts(train_docs, args.vocab_size, "gpt4", specials)
+        args.repeats, lambda: train_from_texts(train_docs, args.vocab_size, "gpt4", specials,
+                                               build=Tokenizer.from_merges)
     )
     ours = result.tokenizer
     print(f"train: tinylm {t_ours}, tokenizers {t_hf}", flush=True)

@@ -89,6 +89,7 @@ def tokenize(
     from tinylm.chat import DEFAULT_SPECIAL_TOKENS
     from tinylm.sources import resolve_sources
     from tinylm.textio import check_output_dir
+    from tinylm.tokenizer import Tokenizer
     from tinylm.tokenizer.training import summary, train_from_files
 
     out = output(quiet, json)
@@ -96,6 +97,7 @@ def tokenize(
     limit = parse_size(max_bytes) if max_bytes is not None else None
     specials = [*DEFAULT_SPECIAL_TOKENS, *(special_token or [])]
     result = train_from_files(resolve_sources(files, text_field), vocab_size, pattern, specials,
-                              out, max_bytes=limit, allow_special=allow_special)
+                              out, max_bytes=limit, allow_special=allow_special,
+                              build=Tokenizer.from_merges)
     path = result.tokenizer.save(out_dir)
     out.table(f"tokenizer written to {path}", summary(result, path))

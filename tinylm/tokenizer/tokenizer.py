@@ -31,6 +31,8 @@ from tinylm.tokenizer.pretokenize import (
     resolve_pattern,
     split_text,
 )
+from tinylm.tokenizer.special import check_special_tokens, special_splitter
+from tinylm.tokenizer.training import train_from_files, train_from_texts
 
 if TYPE_CHECKING:
     import tiktoken
@@ -39,13 +41,6 @@ AllowedSpecial = AbstractSet[str] | Literal["all"]
 
 _PY_CACHE_LIMIT = 1 << 18  # chunks kept by the pure-Python encoder's cache
 _PARALLEL_MIN_CHARS = 1 << 20  # smaller batches are encoded by the calling thread
-
-
-def special_splitter(spellings: Iterable[str]) -> regex.Pattern:
-    """A regex that finds any of the special-token spellings (the longest where one begins
-    another)."""
-    alternatives = sorted(spellings, key=len, reverse=True)
-    return regex.compile("|".join(regex.escape(s) for s in alternatives))
 
 
 class Tokenizer:
@@ -101,9 +96,8 @@ class Tokenizer:
         out: Output = SILENT,
     ) -> Tokenizer:
         """Learn merges from texts until the vocabulary (specials included) has `vocab_size`."""
-        from tinylm.tokenizer.training import train_from_texts
-
-        return train_from_texts(texts, vocab_size, pattern, special_tokens, out).tokenizer
+        return train_from_texts(texts, vocab_size, pattern, special_tokens, out,
+                                build=cls.from_merges).tokenizer
 
     @classmethod
     def train_files(
@@ -116,10 +110,9 @@ class Tokenizer:
         max_bytes: int | None = None,
     ) -> Tokenizer:
         """`train` on files and directories (.txt/.md/.jsonl), at most `max_bytes` of them."""
-        from tinylm.tokenizer.training import train_from_files
-
         return train_from_files(
-            paths, vocab_size, pattern, special_tokens, out, max_bytes=max_bytes, holdout=0.0
+            paths, vocab_size, pattern, special_tokens, out, max_bytes=max_bytes, holdout=0.0,
+            build=cls.from_merges,
         ).tokenizer
 
     @classmethod
@@ -326,15 +319,3 @@ class Tokenizer:
 
     def __setstate__(self, data: dict[str, Any]) -> None:
         self.__init__(data["state"])  # type: ignore[misc]
-
-
-def check_special_tokens(special_tokens: Sequence[str]) -> list[str]:
-    """Special tokens as a list; an error for an empty or repeated one."""
-    specials = list(special_tokens)
-    for s in specials:
-        if not isinstance(s, str) or not s:
-            raise TinyLMError(f"special token {s!r} must be a non-empty string")
-    repeated = {s for s in specials if specials.count(s) > 1}
-    if repeated:
-        raise TinyLMError(f"special token {sorted(repeated)[0]!r} is given twice")
-    return specials

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tinylm.chat import DEFAULT_SPECIAL_TOKENS
 from tinylm.console import SILENT, Output
@@ -23,7 +23,14 @@ from tinylm.errors import TinyLMError
 from tinylm.tokenizer import bpe, parallel
 from tinylm.tokenizer.corpus import CorpusReader
 from tinylm.tokenizer.pretokenize import native, pattern_name, resolve_pattern
-from tinylm.tokenizer.tokenizer import Tokenizer, check_special_tokens, special_splitter
+from tinylm.tokenizer.special import check_special_tokens, special_splitter
+
+if TYPE_CHECKING:
+    from tinylm.tokenizer.tokenizer import Tokenizer
+
+# (merges, pattern regex, special tokens) -> a tokenizer: `Tokenizer.from_merges`, passed in by
+# the caller so that this module needs nothing of tokenizer.py (which calls it to train).
+Build = Callable[[list[tuple[int, int]], str, list[str]], Any]
 
 BATCH_CHARS = 1 << 22  # characters of text per counting task
 
@@ -156,6 +163,8 @@ def _train(
     held_out: list[str],
     source: str = "the texts",
     allow_special: bool = False,
+    *,
+    build: Build,
 ) -> TrainResult:
     specials = check_special_tokens(special_tokens)
     n_merges = n_merges_for(vocab_size, len(specials))
@@ -173,7 +182,7 @@ def _train(
             f"the text ran out of pairs to merge after {len(merges)} merges: the vocab has "
             f"{vocab_size - n_merges + len(merges)} tokens instead of {vocab_size}"
         )
-    tokenizer = Tokenizer.from_merges(merges, regex_text, specials)
+    tokenizer = build(merges, regex_text, specials)
     return TrainResult(tokenizer, n_bytes, len(counts), counted - start,
                        time.perf_counter() - counted, held_out, allow_special)
 
@@ -185,13 +194,16 @@ def train_from_texts(
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
     out: Output = SILENT,
     allow_special: bool = False,
+    *,
+    build: Build,
 ) -> TrainResult:
-    """Train on an iterable of texts (each a document; chunks never cross documents).
+    """Train on an iterable of texts (each a document; chunks never cross documents); `build`
+    makes the tokenizer (`Tokenizer.from_merges`; `Tokenizer.train` is the usual way in).
     `allow_special`: special-token spellings in the texts are those tokens, not text."""
     if isinstance(texts, str):
         texts = [texts]
     return _train(texts, vocab_size, pattern, special_tokens, out, None, [],
-                  allow_special=allow_special)
+                  allow_special=allow_special, build=build)
 
 
 def train_from_files(
@@ -203,6 +215,8 @@ def train_from_files(
     max_bytes: int | None = None,
     holdout: float = 0.02,
     allow_special: bool = False,
+    *,
+    build: Build,
 ) -> TrainResult:
     """Train on files and directories, holding out a `holdout` fraction to measure bytes/token.
     `allow_special`: special-token spellings in the files are those tokens, not text."""
@@ -215,7 +229,7 @@ def train_from_files(
     reader = CorpusReader(paths, max_bytes=max_bytes, holdout=holdout)
     source = ", ".join(str(p) for p in paths)
     return _train(reader, vocab_size, pattern, specials, out, reader.total_bytes,
-                  reader.held_out, source, allow_special)
+                  reader.held_out, source, allow_special, build=build)
 
 
 def summary(result: TrainResult, path: Path | None = None) -> dict[str, Any]:
