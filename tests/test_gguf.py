@@ -9,6 +9,7 @@ few dozen steps on real text, so that greedy choices are not near-ties of random
 from __future__ import annotations
 
 import os
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,14 @@ TEXTS = [
     "  leading spaces and trailing ones  ",
     f"{TURN_START}user\n plain text, not control tokens {TURN_END}",
 ]
-PROMPTS = ["First Citizen:\nBefore we proceed", "KING HENRY:\nWhat say you, my lord"]
+PROMPTS = [
+    "First Citizen:\nBefore we proceed",
+    "KING HENRY:\nWhat say you, my lord",
+    "JULIET:\nO Romeo, Romeo!",
+    "The king is dead; long live",
+]
 NEW_TOKENS = 32
+CONTEXT = 256  # llama.cpp's smallest context; a shorter trained one draws a warning
 
 
 def _train(config: ModelConfig, ids: torch.Tensor, steps: int = 60) -> Transformer:
@@ -75,7 +82,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shakespeare_text: str) -> dic
         tok = tokenizers["gpt2" if spec["family"] == "gpt2" else "gpt4"]
         vocab = tok.vocab_size + spec.pop("extra_vocab", 0)
         config = ModelConfig(vocab_size=vocab, n_layers=2, n_heads=4, d_model=64,
-                             max_seq_len=128, **spec)
+                             max_seq_len=CONTEXT, **spec)
         model = _train(config, torch.tensor(tok.encode(corpus)))
         made[name] = root / name
         made[name].mkdir()
@@ -122,7 +129,7 @@ def test_file_reads_back_with_keys_tensors_and_values(tmp_path, runs, name):
     arch = config.family
     assert value("general.architecture") == arch
     assert value(f"{arch}.block_count") == 2 and value(f"{arch}.embedding_length") == 64
-    assert value(f"{arch}.context_length") == 128
+    assert value(f"{arch}.context_length") == CONTEXT
     assert value(f"{arch}.feed_forward_length") == config.d_ff
     assert value(f"{arch}.attention.head_count_kv") == config.n_kv_heads
     assert value("tokenizer.ggml.model") == "gpt2"
@@ -216,9 +223,13 @@ def llama_cpp():
         "llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
 
-def _load(llama_cpp, path: Path):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=1,
-                           n_threads_batch=1, logits_all=True, verbose=False)
+def _load(llama_cpp, path: Path, f32_cache: bool = False):
+    """The model in llama.cpp, keeping every position's logits; use it in `with`. llama.cpp
+    keeps keys and values in f16 by default; `f32_cache` compares the file's f32 weights alone."""
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
+    return closing(llama_cpp.Llama(model_path=str(path), n_ctx=CONTEXT, n_batch=CONTEXT,
+                                   n_threads=1, n_threads_batch=1, logits_all=True,
+                                   verbose=False, **(cache if f32_cache else {})))
 
 
 def _greedy_llama(llm, prompt: list[int], n: int, stops: set[int]) -> list[int]:
@@ -248,53 +259,62 @@ def _agreement(llm, model: Transformer, prompt: list[int], continuation: list[in
     return same, (theirs - ours).abs().max().item()
 
 
-@pytest.mark.slow
+@pytest.mark.llama_cpp
 @pytest.mark.parametrize("name", list(MODELS))
 def test_llama_cpp_tokenizes_like_tinylm(tmp_path, runs, llama_cpp, name):
-    llm = _load(llama_cpp, _export(runs[name], tmp_path / "model.gguf"))
     tok = load_run(runs[name]).tokenizer
-    for text in TEXTS:
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
     messages = [{"role": "user", "content": "Who art thou?"}]
     chat = "".join(f"{TURN_START}{m['role']}\n{m['content']}{TURN_END}\n" for m in messages)
     chat += f"{TURN_START}assistant\n"
-    expected = encode_chat(tok, messages, add_generation_prompt=True)
-    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == expected
-    assert llm.metadata["tokenizer.chat_template"] == chat_template_jinja()
-    assert llm.token_eos() == tok.special_tokens[END_OF_TEXT]
+    with _load(llama_cpp, _export(runs[name], tmp_path / "model.gguf")) as llm:
+        for text in TEXTS:
+            ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+            assert ids == tok.encode(text), text
+        assert llm.tokenize(chat.encode(), add_bos=False, special=True) == encode_chat(
+            tok, messages, add_generation_prompt=True)
+        assert llm.metadata["tokenizer.chat_template"] == chat_template_jinja()
+        assert llm.token_eos() == tok.special_tokens[END_OF_TEXT]
 
 
-@pytest.mark.slow
+def _greedy(run, prompt: list[int]) -> list[int]:
+    config = SamplingConfig(NEW_TOKENS, temperature=0)
+    return generate(run.model, run.tokenizer, [prompt], config)[0].token_ids
+
+
+@pytest.mark.llama_cpp
 @pytest.mark.parametrize("name", list(MODELS))
 def test_llama_cpp_greedy_tokens_equal_tinylm_for_f32(tmp_path, runs, llama_cpp, name):
-    llm = _load(llama_cpp, _export(runs[name], tmp_path / "model.gguf"))
     run = load_run(runs[name])
     tok = run.tokenizer
     stops = {tok.special_tokens[END_OF_TEXT], tok.special_tokens[TURN_END]}
-    for prompt in PROMPTS:
-        ids = tok.encode(prompt)
-        ours = generate(run.model, tok, [ids], SamplingConfig(NEW_TOKENS, temperature=0))[0]
-        assert len(ours.token_ids) == NEW_TOKENS
-        assert _greedy_llama(llm, ids, NEW_TOKENS, stops) == ours.token_ids
-        same, gap = _agreement(llm, run.model, ids, ours.token_ids)
-        assert same == 1.0 and gap < 1e-3, (same, gap)
+    # ggml's GELU rounds its input to f16 for a table lookup (gpt2 only): a larger gap there
+    tolerance = 1e-2 if run.model.config.family == "gpt2" else 1e-3
+    gaps = []
+    with _load(llama_cpp, _export(runs[name], tmp_path / "model.gguf"), f32_cache=True) as llm:
+        for prompt in PROMPTS:
+            ids = tok.encode(prompt)
+            ours = _greedy(run, ids)
+            assert len(ours) == NEW_TOKENS
+            assert _greedy_llama(llm, ids, NEW_TOKENS, stops) == ours, prompt
+            same, gap = _agreement(llm, run.model, ids, ours)
+            assert same == 1.0 and gap < tolerance, (prompt, same, gap)
+            gaps.append(gap)
+    print(f"{name} f32: {len(PROMPTS) * NEW_TOKENS} greedy tokens equal, largest logit "
+          f"difference {max(gaps):.1e}")
 
 
-@pytest.mark.slow
+@pytest.mark.llama_cpp
 @pytest.mark.parametrize(("dtype", "floor"), [("f16", 0.9), ("q8_0", 0.8)])
 def test_llama_cpp_agrees_on_most_tokens_for_f16_and_q8_0(tmp_path, runs, llama_cpp, dtype,
                                                           floor):
     """Teacher-forced on tinylm's greedy continuation: the share of next-token choices that
     llama.cpp's f16 / q8_0 model makes as tinylm's float32 model does (printed, -s shows it)."""
     for name in ("llama-tied-gqa", "gpt2"):
-        llm = _load(llama_cpp, _export(runs[name], tmp_path / f"{name}.gguf", "--dtype", dtype))
         run = load_run(runs[name])
-        shares = []
-        for prompt in PROMPTS:
-            ids = run.tokenizer.encode(prompt)
-            ours = generate(run.model, run.tokenizer, [ids],
-                            SamplingConfig(NEW_TOKENS, temperature=0))[0]
-            shares.append(_agreement(llm, run.model, ids, ours.token_ids)[0])
+        path = _export(runs[name], tmp_path / f"{name}.gguf", "--dtype", dtype)
+        with _load(llama_cpp, path) as llm:
+            shares = [_agreement(llm, run.model, ids, _greedy(run, ids))[0]
+                      for ids in map(run.tokenizer.encode, PROMPTS)]
         share = sum(shares) / len(shares)
         print(f"{name} {dtype}: {share:.3f} of {len(shares) * NEW_TOKENS} greedy choices agree")
         assert share >= floor, (name, dtype, shares)
