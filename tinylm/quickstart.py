@@ -6,6 +6,7 @@
     DIR/sft/         full instruction tuning of base on questions about the training facts
     DIR/lora/        LoRA tuning of base on the same data, to compare with full tuning
     DIR/dpo/         sft aligned with DPO to prefer one-sentence answers with a fixed closing
+    DIR/rl/          sft reinforced with GRPO on questions about the training facts
     DIR/report.md, DIR/report.json   the numbers below, and links to each run's loss curve
 
 Every model is scored the same way, by greedy generation through the chat template:
@@ -44,6 +45,7 @@ class Plan:
     finetune: tuple[str, ...]
     lora: tuple[str, ...]
     dpo: tuple[str, ...]
+    rl: tuple[str, ...] = ()
     samples: int = 3  # held-out questions shown with every model's answer
 
 
@@ -54,6 +56,13 @@ _TUNE = ("data.exact_match=0", "train.warmup_steps=10")
 # (0% exact match); with the NLL term at 3e-4, 100 steps move 94% of generations to the
 # preferred style and keep exact match within a point.
 _DPO = ("sft_weight=2.0",)
+# GRPO of the tuned model on questions about the training facts (rl.jsonl), reward `exact`,
+# sampling at the temperature the report scores (SAMPLED_TEMPERATURE). Scored on rl_eval.jsonl
+# (the held-out questions of sft_eval.jsonl).
+_RL = ("reward=exact", "temperature=0.7", "num_generations=8", "max_completion_length=24",
+       "train.eval_every=0")
+SAMPLED_TEMPERATURE = 0.7
+SAMPLES_PER_PROMPT = 8  # sampled exact match: the share of these samples that are right
 PLANS = {
     # About 10 minutes on 2 CPU cores. Muon memorises the world's facts twice as well as AdamW
     # in the same 300 steps (statement completion of held-out facts: 155 vs 75 of 200).
@@ -64,6 +73,7 @@ PLANS = {
         finetune=(*_TUNE, "train.max_steps=150", "train.eval_every=50"),
         lora=(*_TUNE, "train.max_steps=150", "train.eval_every=50", "lora.targets=all-linear"),
         dpo=(*_DPO, "train.lr=3e-4", "train.max_steps=100", "train.eval_every=50"),
+        rl=(*_RL, "train.lr=2e-4", "train.max_steps=100"),
     ),
     # About 2 minutes on 2 CPU cores: every stage and number, at a fraction of the steps.
     "fast": Plan(
@@ -74,6 +84,7 @@ PLANS = {
         lora=(*_TUNE, "train.max_steps=30", "train.eval_every=15", "lora.targets=all-linear"),
         dpo=(*_DPO, "train.lr=1e-3", "train.max_steps=40", "train.batch_size=8",
              "train.eval_every=20"),
+        rl=(*_RL, "train.lr=2e-4", "train.max_steps=10", "train.batch_size=4"),
     ),
     # On a GPU: a larger world and the ~13M preset.
     "cuda": Plan(
@@ -83,9 +94,10 @@ PLANS = {
         finetune=(*_TUNE, "train.max_steps=400", "train.eval_every=100"),
         lora=(*_TUNE, "train.max_steps=400", "train.eval_every=100", "lora.targets=all-linear"),
         dpo=(*_DPO, "train.lr=3e-4", "train.max_steps=150", "train.eval_every=50"),
+        rl=(*_RL, "train.lr=2e-4", "train.max_steps=200"),
     ),
 }
-STAGES = ("data", "tokenizer", "pretrain", "sft", "lora", "dpo")
+STAGES = ("data", "tokenizer", "pretrain", "sft", "lora", "dpo", "rl")
 
 
 def choose_plan(fast: bool, device: str) -> Plan:
@@ -135,6 +147,23 @@ def score_run(run_dir: Path, data_dir: Path, device: str,
     return scores, [r or "" for r in replies]
 
 
+def sampled_exact_match(run_dir: Path, data_dir: Path, device: str, seed: int) -> float:
+    """The share of SAMPLES_PER_PROMPT answers at SAMPLED_TEMPERATURE to each question of
+    rl_eval.jsonl (the held-out questions) that are right (`exact` reward, seeded)."""
+    from tinylm.generate import load_for_generation
+    from tinylm.rl.evaluate import encode_prompts, evaluate_rewards
+    from tinylm.rl.rewards import parse_rewards
+
+    run = load_for_generation(run_dir, device)
+    context = run.model.config.max_seq_len
+    prompts, ids, _ = encode_prompts(run.tokenizer, [str(data_dir / "rl_eval.jsonl")],
+                                     ("answer",), context - 32)
+    scores = evaluate_rewards(run.model, run.tokenizer, prompts, ids, parse_rewards("exact"),
+                              max_new_tokens=32, temperature=SAMPLED_TEMPERATURE,
+                              generations=SAMPLES_PER_PROMPT, seed=seed, batch_size=128)
+    return scores["val_rewards/exact/mean"]
+
+
 def _share(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
@@ -151,6 +180,7 @@ def run_quickstart(out_dir: str | Path, *, fast: bool = False, device: str = "au
     from tinylm.evaluate import eval_preference
     from tinylm.finetune import finetune
     from tinylm.pretrain import pretrain
+    from tinylm.rl.stage import rl
     from tinylm.run import load_run, read_run_config
     from tinylm.synth import synthesize
     from tinylm.textio import check_output_dir
@@ -217,6 +247,14 @@ def run_quickstart(out_dir: str | Path, *, fast: bool = False, device: str = "au
                                  [str(data_dir / "prefs_eval.jsonl")], 16)
     wall["dpo"] = t.elapsed
 
+    t = stage("rl", "GRPO of the tuned model, reward: exact match on training questions")
+    sampled_before = sampled_exact_match(root / "sft", data_dir, device, seed)
+    reinforced = rl(str(root / "sft"), [str(data_dir / "rl.jsonl")], root / "rl",
+                    overrides=common(plan.rl), force=True, out=stage_out)
+    rl_scores, rl_answers = score_run(root / "rl", data_dir, device, False)
+    sampled_after = sampled_exact_match(root / "rl", data_dir, device, seed)
+    wall["rl"] = t.elapsed
+
     base_metrics = read_metrics(root / "base" / "metrics.jsonl")
     report: dict[str, Any] = {
         "plan": plan.name,
@@ -245,13 +283,18 @@ def run_quickstart(out_dir: str | Path, *, fast: bool = False, device: str = "au
                 "preferred_share_before": sft_scores["preferred_share"],
                 "preferred_share_after": dpo_scores["preferred_share"],
                 "exact_match": dpo_scores["exact_match"], "wall_s": wall["dpo"]},
+        "rl": {"steps": reinforced.step, "loss": reinforced.loss,
+               "exact_match_before": sft_scores["exact_match"],
+               "exact_match": rl_scores["exact_match"],
+               "sampled_exact_match_before": sampled_before,
+               "sampled_exact_match_after": sampled_after, "wall_s": wall["rl"]},
         "wall_s": clock.elapsed,
     }
     questions = read_jsonl(data_dir / "sft_eval.jsonl")[: plan.samples]
     report["samples"] = [
         {"question": q["messages"][0]["content"], "answer": q["answer"],
          "base": base_answers[i], "sft": sft_answers[i], "lora": lora_answers[i],
-         "dpo": dpo_answers[i]}
+         "dpo": dpo_answers[i], "rl": rl_answers[i]}
         for i, q in enumerate(questions)
     ]
     write_report(root, report)
@@ -275,6 +318,8 @@ _ROWS = {
              "trainable_fraction", "wall_s"),
     "dpo": ("steps", "loss", "pref_accuracy", "reward_margin", "preferred_share_before",
             "preferred_share_after", "exact_match", "wall_s"),
+    "rl": ("steps", "loss", "exact_match_before", "exact_match", "sampled_exact_match_before",
+           "sampled_exact_match_after", "wall_s"),
 }
 _TITLES = {
     "pretrain": "Pretraining (base/)",
@@ -282,8 +327,10 @@ _TITLES = {
     "sft": "Full instruction tuning (sft/)",
     "lora": "LoRA tuning (lora/)",
     "dpo": "DPO (dpo/, from sft/)",
+    "rl": f"GRPO (rl/, from sft/); sampled: {SAMPLES_PER_PROMPT} answers per question at "
+          f"temperature {SAMPLED_TEMPERATURE}",
 }
-_CURVES = {"pretrain": "base", "sft": "sft", "lora": "lora", "dpo": "dpo"}
+_CURVES = {"pretrain": "base", "sft": "sft", "lora": "lora", "dpo": "dpo", "rl": "rl"}
 
 
 def _cell(value: Any) -> str:
@@ -312,6 +359,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Sample answers to held-out questions", ""]
     for sample in report["samples"]:
         lines += [f"**{sample['question']}** (answer: {sample['answer']})", ""]
-        lines += [f"- {name}: {sample[name].strip()!r}" for name in ("base", "sft", "lora", "dpo")]
+        lines += [f"- {name}: {sample[name].strip()!r}"
+                  for name in ("base", "sft", "lora", "dpo", "rl")]
         lines.append("")
     return "\n".join(lines)
