@@ -200,12 +200,17 @@ def pretrain_setup(tmp_path: Path, shakespeare_text: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize(("fsdp", "optimizer"), [(False, "adamw"), (True, "adamw"),
+                                                 (True, "muon")],
+                         ids=["ddp", "fsdp", "fsdp-muon"])
 def test_pretrain_two_processes_split_the_micro_batch(pretrain_setup: list[str], tmp_path: Path,
-                                                      fsdp: bool) -> None:
-    one = _run([sys.executable, "-m", "tinylm", *pretrain_setup, "-o", str(tmp_path / "one")])
+                                                      fsdp: bool, optimizer: str) -> None:
+    """(Muon, as configs/shakespeare.yaml uses it, orthogonalises whole matrices: under FSDP2
+    each process gathers them.)"""
+    args = [*pretrain_setup, "--set", f"train.optimizer={optimizer}"]
+    one = _run([sys.executable, "-m", "tinylm", *args, "-o", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
-    two = _run([*_torchrun(2), *pretrain_setup, "-o", str(tmp_path / "two"),
+    two = _run([*_torchrun(2), *args, "-o", str(tmp_path / "two"),
                 *(["--fsdp"] if fsdp else [])])
     assert two.returncode == 0, two.stderr
     assert len(_losses(tmp_path / "two")) == 4

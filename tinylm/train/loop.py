@@ -285,8 +285,6 @@ def train(
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.fsdp and cfg.optimizer == "muon":
-        raise TinyLMError("train.optimizer=muon does not work with --fsdp", "use adamw")
     placed = model if isinstance(model, PlacedModel) else place_model(model, dist, cfg.fsdp)
     session = _Session(placed, cfg, dist, run_dir, save_model, load_model)
     resumed_from = session.restore(out) if resume else None

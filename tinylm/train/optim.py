@@ -37,6 +37,17 @@ def orthogonalize(grad: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return (x.T if tall else x).to(grad.dtype)
 
 
+def _orthogonal_update(grad: torch.Tensor, steps: int) -> torch.Tensor:
+    """`orthogonalize(grad)`; under FSDP2 (`grad` a DTensor sharded by rows) of the whole
+    matrix, gathered on every process, of which each keeps its own rows."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(grad, DTensor):
+        return orthogonalize(grad, steps)
+    full = orthogonalize(grad.full_tensor(), steps)
+    return distribute_tensor(full, grad.device_mesh, grad.placements, src_data_rank=None)
+
+
 class Muon(torch.optim.Optimizer):
     """SGD with Nesterov momentum whose update is orthogonalised (all singular values ~1),
     scaled by sqrt(max(1, rows / cols)), with decoupled weight decay. For 2-D weights only."""
@@ -60,7 +71,7 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.mul_(mu).add_(p.grad)
-                update = orthogonalize(p.grad.add(buf, alpha=mu), group["ns_steps"])
+                update = _orthogonal_update(p.grad.add(buf, alpha=mu), group["ns_steps"])
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
 
