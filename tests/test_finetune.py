@@ -146,7 +146,7 @@ def test_validation_loss_is_the_mean_over_response_tokens():
 
 
 def test_exact_match_compares_greedy_answers_with_the_last_assistant_turn(monkeypatch):
-    import tinylm.generate
+    import tinylm.sft.evaluate
     from tinylm.generate import Generation
     from tinylm.sft.evaluate import exact_match
 
@@ -159,7 +159,7 @@ def test_exact_match_compares_greedy_answers_with_the_last_assistant_turn(monkey
         pairs = zip(texts, prompt_ids, strict=True)
         return [Generation("", t, 1, len(p), 0.0, 0.0, "end") for t, p in pairs]
 
-    monkeypatch.setattr(tinylm.generate, "generate", fake_generate)
+    monkeypatch.setattr(tinylm.sft.evaluate, "generate", fake_generate)
     result = exact_match(tiny_model(), TOK, conversations)
     assert result == {"val_exact_match": 0.5}
     assert seen[0] == encode_example(TOK, chat("q0", "a0")).input_ids[: len(seen[0])]

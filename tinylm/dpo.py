@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tinylm.config import to_dict
-from tinylm.console import SILENT, Output
+from tinylm.console import Output
 from tinylm.errors import TinyLMError
 from tinylm.evaluate import evaluate_pairs, pair_logps
 from tinylm.lora import LoraSettings, adapter_disabled
@@ -36,10 +36,10 @@ from tinylm.train.stage import Plan, Stage, StageContext, launch
 from tinylm.tuning import (
     TuningTrainConfig,
     check_resume_data,
+    check_tuning,
     describe_data,
-    load_base,
     make_trainable,
-    read_splits,
+    start,
 )
 
 FULL_LR = 5e-5  # DPO moves the policy gently away from its reference
@@ -70,8 +70,7 @@ class DPOConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0:
-            raise TinyLMError(f"epochs must be positive, got {self.epochs}")
+        check_tuning(self.epochs, self.data.val_fraction)
         if self.beta <= 0:
             raise TinyLMError(f"beta must be positive, got {self.beta}")
         if self.loss_type not in DPO_LOSS_TYPES:
@@ -84,8 +83,6 @@ class DPOConfig:
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise TinyLMError(f"label_smoothing applies to the sigmoid loss only, not "
                               f"{self.loss_type}", "drop --label-smoothing or use --loss sigmoid")
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise TinyLMError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
 
 
 def loss_settings(cfg: DPOConfig) -> dict[str, Any]:
@@ -133,10 +130,7 @@ def _report(what: str, stats: Any, identical: int, out: Output) -> None:
 def build(ctx: StageContext) -> Plan:
     """The dpo stage: pairs, the policy and its reference, batches, loss and evaluation."""
     cfg, dist, out = ctx.cfg, ctx.dist, ctx.out
-    assert ctx.base is not None
-    train_pairs, val_pairs = read_splits(read_preference_pairs, ctx.data, ctx.val_data,
-                                         cfg.data.val_fraction, cfg.train.seed)
-    model, tokenizer, context = load_base(ctx.base, cfg.data.max_length)
+    train_pairs, val_pairs, model, tokenizer, context = start(ctx, read_preference_pairs)
     train_enc, train_stats = encode_pairs(tokenizer, train_pairs, context)
     identical = sum(p.identical for p in train_pairs)
     _report("train", train_stats, identical, out)
@@ -194,13 +188,11 @@ STAGE = Stage("dpo", DPOConfig, build, what="a DPO run",
 load_config = STAGE.load_config
 
 
-def dpo(base: str | Path | None, data: list[str] | None, run_dir: str | Path, *,
-        config: str | Path | None = None, val_data: list[str] | None = None,
-        overrides: list[str] | None = None, values: dict[str, Any] | None = None,
-        resume: bool = False, force: bool = False, out: Output = SILENT) -> TrainResult:
+def dpo(base: str | Path | None, data: list[str] | None, run_dir: str | Path,
+        **options: Any) -> TrainResult:
     """`tinylm dpo`: align run `base` on preference JSONL `data`, into `run_dir`.
 
-    With `resume`, the run's saved config is the base (`overrides` still apply), and the base
-    run and data default to the ones it was started with."""
-    return launch(STAGE, run_dir, base=base, data=data, val_data=val_data, config=config,
-                  overrides=overrides, values=values, resume=resume, force=force, out=out)
+    `options` are `tinylm.train.stage.launch`'s (config, overrides, values, val_data, resume,
+    force, out). With `resume`, the run's saved config is the base, and the base run and data
+    default to the ones it was started with."""
+    return launch(STAGE, run_dir, base=base, data=data, **options)

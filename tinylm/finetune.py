@@ -20,7 +20,6 @@ from typing import Any
 from torch import nn
 
 from tinylm.config import to_dict
-from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
 from tinylm.lora import LoraSettings
 from tinylm.losses import sft_loss
@@ -32,11 +31,11 @@ from tinylm.train.stage import Plan, Stage, StageContext, launch
 from tinylm.tuning import (
     TuningTrainConfig,
     check_resume_data,
+    check_tuning,
     describe_data,
-    load_base,
     make_trainable,
-    read_splits,
     report_counts,
+    start,
 )
 
 FULL_LR = 3e-4  # below pretraining's 1e-3: tuning should not undo what was learned
@@ -64,19 +63,13 @@ class FinetuneConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0:
-            raise TinyLMError(f"epochs must be positive, got {self.epochs}")
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise TinyLMError(f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        check_tuning(self.epochs, self.data.val_fraction)
 
 
 def build(ctx: StageContext) -> Plan:
     """The finetune stage: data, base model, batches, loss and evaluation for the loop."""
     cfg, dist, out = ctx.cfg, ctx.dist, ctx.out
-    assert ctx.base is not None
-    train_convs, val_convs = read_splits(read_conversations, ctx.data, ctx.val_data,
-                                         cfg.data.val_fraction, cfg.train.seed)
-    model, tokenizer, context = load_base(ctx.base, cfg.data.max_length)
+    train_convs, val_convs, model, tokenizer, context = start(ctx, read_conversations)
 
     train_examples, train_stats = encode_conversations(tokenizer, train_convs, context)
     report_counts("train", "examples", train_stats, context, out)
@@ -128,24 +121,13 @@ STAGE = Stage("finetune", FinetuneConfig, build, what="a finetuning run",
 load_config = STAGE.load_config
 
 
-def finetune(
-    base: str | Path | None,
-    data: list[str] | None,
-    run_dir: str | Path,
-    *,
-    config: str | Path | None = None,
-    val_data: list[str] | None = None,
-    overrides: list[str] | None = None,
-    values: dict[str, Any] | None = None,
-    resume: bool = False,
-    force: bool = False,
-    out: Output = SILENT,
-) -> TrainResult:
+def finetune(base: str | Path | None, data: list[str] | None, run_dir: str | Path,
+             **options: Any) -> TrainResult:
     """`tinylm finetune`: tune run `base` on instruction JSONL `data`, into `run_dir`.
 
-    Config: defaults < `config` YAML < `overrides` ("key=value") < `values` (flag values).
-    With `resume`, the run's saved config is the base (`overrides` still apply), and the base
-    run and data default to the ones it was started with. Works the same under torchrun.
+    `options` are `tinylm.train.stage.launch`'s: config (YAML), overrides ("key=value"),
+    values (flag values), val_data, resume, force, out. With `resume`, the run's saved config
+    is the base, and the base run and data default to the ones it was started with. Works the
+    same under torchrun.
     """
-    return launch(STAGE, run_dir, base=base, data=data, val_data=val_data, config=config,
-                  overrides=overrides, values=values, resume=resume, force=force, out=out)
+    return launch(STAGE, run_dir, base=base, data=data, **options)

@@ -23,6 +23,7 @@ from tinylm.run import load_run, read_run_config
 from tinylm.tokenizer import Tokenizer
 from tinylm.train.checkpoint import resume_source
 from tinylm.train.config import TrainConfig
+from tinylm.train.stage import StageContext
 
 Item = TypeVar("Item")
 
@@ -53,6 +54,14 @@ class TuningTrainConfig(TrainConfig):
         return dataclasses.replace(self, max_steps=self.max_steps or steps, lr=self.lr or lr)
 
 
+def check_tuning(epochs: float, val_fraction: float) -> None:
+    """The checks every tuning stage's config makes of its epochs and validation split."""
+    if epochs <= 0:
+        raise TinyLMError(f"epochs must be positive, got {epochs}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise TinyLMError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+
+
 def split_validation(items: list[Item], fraction: float, seed: int) -> tuple[list[Item],
                                                                             list[Item]]:
     """(train, validation): a seeded random `fraction` held out (at least one item)."""
@@ -75,6 +84,17 @@ def read_splits(
     if val_files:
         return items, [x for path in val_files for x in read(Path(path))]
     return split_validation(items, fraction, seed)
+
+
+def start(ctx: StageContext, read: Callable[[Path], list[Item]]) -> tuple[
+        list[Item], list[Item], nn.Module, Tokenizer, int]:
+    """What a tuning stage starts from: (train items, validation items, the base model, its
+    tokenizer, the window length), read with `read` from the stage's data files."""
+    assert ctx.base is not None
+    cfg = ctx.cfg
+    train, val = read_splits(read, ctx.data, ctx.val_data, cfg.data.val_fraction, cfg.train.seed)
+    model, tokenizer, context = load_base(ctx.base, cfg.data.max_length)
+    return train, val, model, tokenizer, context
 
 
 def load_base(base: Path, max_length: int | None) -> tuple[nn.Module, Tokenizer, int]:
