@@ -29,6 +29,8 @@ import torch
 from tinylm.generate import SamplingConfig, TextStream, sample_next, stop_token_ids
 from tinylm.model import KVCache
 
+PREFILL_TOKENS = 4096  # most prompt tokens (padding included) in one prefill forward
+
 if TYPE_CHECKING:
     from tinylm.model import Transformer
     from tinylm.tokenizer import Tokenizer
@@ -185,40 +187,66 @@ class Engine:
         self._leave(gone)
 
     def _admit(self) -> None:
-        """Prefill the waiting requests, first come first served, while their choices fit."""
+        """Prefill the waiting requests, first come first served, while their choices fit:
+        together, in forwards of at most PREFILL_TOKENS (padded) prompt tokens."""
         while True:
+            batch: list[Request] = []
             with self._wake:
-                while self._waiting and self._waiting[0].cancelled:
-                    self._waiting.popleft()
-                    self.stats.requests_cancelled += 1
-                if not self._waiting or self._waiting[0].n > self.max_batch - len(self.active):
-                    return
-                request = self._waiting.popleft()
+                free, longest = self.max_batch - len(self.active), 0
+                while self._waiting:
+                    request = self._waiting[0]
+                    if request.cancelled:
+                        self._waiting.popleft()
+                        self.stats.requests_cancelled += 1
+                        continue
+                    longest = max(longest, len(request.prompt_ids))
+                    if request.n > free or (batch and longest * (len(batch) + 1) >
+                                            PREFILL_TOKENS):
+                        break
+                    batch.append(self._waiting.popleft())
+                    free -= request.n
+            if not batch:
+                return
             try:
-                self._prefill(request)
+                self._prefill(batch)
             except Exception as exc:  # a failed request must not stop the others
-                self._fail([request], exc)
+                self._fail(batch, exc)
 
-    def _prefill(self, request: Request) -> None:
-        first, prompt = len(self.active), request.prompt_ids
+    def _prefill(self, requests: list[Request]) -> None:
+        """One forward over the prompts, right-padded, each into its own cache row (causal
+        attention keeps the padding out of the real tokens; the next step overwrites it);
+        then a copy of that row for each further choice, and every choice's first token."""
+        first, m = len(self.active), len(requests)
+        lengths = [len(r.prompt_ids) for r in requests]
+        width = max(lengths)
+        ids = torch.zeros(m, width, dtype=torch.long)
+        for i, request in enumerate(requests):
+            ids[i, : lengths[i]] = torch.tensor(request.prompt_ids)
         k, v = self.cache.k, self.cache.v
-        ids = torch.tensor([prompt], device=self.device)
-        row = KVCache(k[:, first : first + 1], v[:, first : first + 1])
-        logits = self.model(ids, kv_cache=row, logits_to_keep=1)[:, -1]
-        for slot in range(first + 1, first + request.n):  # every choice shares the prompt
-            k[:, slot, :, : len(prompt)] = k[:, first, :, : len(prompt)]
-            v[:, slot, :, : len(prompt)] = v[:, first, :, : len(prompt)]
-        seed = request.config.seed
-        if seed is None:
-            seed = int.from_bytes(os.urandom(7), "little")
-        request.open_choices = request.n
-        new = []
-        for i in range(request.n):
-            generator = torch.Generator(device=self.device).manual_seed(seed + i)
-            new.append(_Sequence(request, i, generator, TextStream(request.config.stop),
-                                 len(prompt), -1, request.config.max_new_tokens))
-        self.active.extend(new)
-        self._accept(new, self._sample(logits.expand(request.n, -1), new))
+        rows = KVCache(k[:, first : first + m], v[:, first : first + m])
+        keep = width - min(lengths) + 1  # logits for every row's last prompt position
+        logits = self.model(ids.to(self.device), kv_cache=rows, logits_to_keep=keep)
+        last = logits[torch.arange(m), torch.tensor(lengths) - 1 - (width - keep)]  # (m, V)
+        firsts, extras, row_of = [], [], []
+        for i, request in enumerate(requests):
+            seed = request.config.seed
+            if seed is None:
+                seed = int.from_bytes(os.urandom(7), "little")
+            request.open_choices = request.n
+            for j in range(request.n):
+                generator = torch.Generator(device=self.device).manual_seed(seed + j)
+                s = _Sequence(request, j, generator, TextStream(request.config.stop),
+                              lengths[i], -1, request.config.max_new_tokens)
+                (extras if j else firsts).append((s, i))
+        for s, i in [*firsts, *extras]:
+            slot = len(self.active)
+            if slot >= first + m:  # a further choice shares its prompt's keys and values
+                k[:, slot, :, : lengths[i]] = k[:, first + i, :, : lengths[i]]
+                v[:, slot, :, : lengths[i]] = v[:, first + i, :, : lengths[i]]
+            self.active.append(s)
+            row_of.append(i)
+        new = self.active[first:]
+        self._accept(new, self._sample(last[row_of], new))
 
     def _step(self) -> None:
         """One token for every active sequence."""
@@ -228,7 +256,9 @@ class Engine:
             ids = torch.tensor([[s.last] for s in batch], device=self.device)
             pos = torch.tensor([s.position for s in batch], device=self.device)
             view = KVCache(self.cache.k[:, :n], self.cache.v[:, :n])
-            logits = self.model(ids, kv_cache=view, start_pos=pos)[:, -1]
+            # one row: a plain int position takes the model's unmasked path (~10% faster)
+            start = batch[0].position if n == 1 else pos
+            logits = self.model(ids, kv_cache=view, start_pos=start)[:, -1]
             for s in batch:
                 s.position += 1
             tokens = self._sample(logits, batch)
