@@ -106,7 +106,7 @@ def test_param_counts_by_hand() -> None:
 
 @pytest.mark.parametrize("name", ["tiny", "small", "classic", "gpt2-124m", "llama-124m"])
 def test_presets_build_and_count(name: str) -> None:
-    from tinylm.cli.info import describe
+    from tinylm.info import describe
 
     info = describe(name)
     config = ModelConfig(**info["model"])
