@@ -323,3 +323,51 @@ def test_eight_concurrent_streamed_clients_are_batched_and_independent(served: d
         engine.model = engine.model.model
     assert got == expected
     assert engine.stats.max_batch_seen > 1, engine.stats
+
+
+@needs_server
+def test_lora_run_serves_base_plus_adapter(tmp_path: Path) -> None:
+    from tinylm.lora import LoraSettings, apply_lora
+    from tinylm.run import load_run, save_adapter_run
+
+    base = tiny_run(tmp_path / "base")
+    peft_model = apply_lora(load_run(base).model, LoraSettings(enabled=True, rank=4,
+                                                               dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained adapter's B is not zero
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.5)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_adapter_run(adapter, peft_model, base, {"stage": "finetune"}, Tokenizer.bytes_only())
+    engine, app = make_server(adapter, "cpu", max_batch=2)
+    try:
+        with ServerThread(app, bind("127.0.0.1", 0)) as server:
+            c = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+            assert c.models.list().data[0].id == "adapter"
+            text = c.completions.create(model="adapter", prompt="ROMEO:", temperature=0,
+                                        max_tokens=15).choices[0].text
+    finally:
+        engine.stop()
+    assert text == cli_generate(adapter, "ROMEO:", "-n", "15")
+    assert text != cli_generate(base, "ROMEO:", "-n", "15")  # the adapter changes the answer
+
+
+@needs_server
+def test_serve_command_errors_are_one_line(served: dict, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0 and "--api-key" in result.stdout and "Examples" in result.stdout
+    taken = bind("127.0.0.1", 0)  # a port in use: refused before the model is loaded
+    try:
+        port = str(taken.getsockname()[1])
+        result = runner.invoke(app, ["serve", "-m", str(served["run"]), "--port", port])
+    finally:
+        taken.close()
+    assert result.exit_code == 2 and "cannot listen on 127.0.0.1" in result.stderr
+    result = runner.invoke(app, ["serve", "-m", str(tmp_path / "nope"), "--port", "0"])
+    assert result.exit_code == 2 and "nope" in result.stderr
+    result = runner.invoke(app, ["serve", "-m", str(served["run"]), "--max-batch", "0",
+                                 "--port", "0"])
+    assert result.exit_code == 2 and "--max-batch" in result.stderr

@@ -49,6 +49,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_options(max_batch: int, api_key: str | None) -> None:
+    if max_batch < 1:
+        raise TinyLMError(f"--max-batch must be at least 1, got {max_batch}")
+    if api_key is not None and not api_key.strip():
+        raise TinyLMError("--api-key is empty", "give the key clients must send")
+
+
 def make_server(model: str | Path, device: str = "auto", api_key: str | None = None,
                 max_batch: int = 16, no_merge: bool = False) -> tuple[Engine, object]:
     """Load a run (a LoRA run as base + adapter), start its engine, build the ASGI app."""
@@ -57,10 +64,7 @@ def make_server(model: str | Path, device: str = "auto", api_key: str | None = N
     from tinylm.serve.api import create_app
     from tinylm.serve.engine import Engine
 
-    if max_batch < 1:
-        raise TinyLMError(f"--max-batch must be at least 1, got {max_batch}")
-    if api_key is not None and not api_key.strip():
-        raise TinyLMError("--api-key is empty", "give the key clients must send")
+    _check_options(max_batch, api_key)
     run = load_for_generation(model, device, no_merge)
     engine = Engine(run.model, run.tokenizer, max_batch).start()
     name = Path(model).resolve().name
@@ -101,17 +105,18 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000,
           no_merge: bool = False, out: Output = SILENT) -> None:
     """Serve a run until Ctrl-C: the OpenAI API under /v1 and the chat page at /."""
     uv = _uvicorn()
-    sock = bind(host, port)
-    engine, app = make_server(model, device, api_key, max_batch, no_merge)
-    bound_host, bound_port = sock.getsockname()[:2]
-    url = f"http://{bound_host}:{bound_port}"
-    out.info(f"serving {model} on {url}: chat page at /, OpenAI API at {url}/v1"
-             f"{' (key required)' if api_key else ''}; Ctrl-C stops")
-    out.result({"url": url, "model": Path(model).resolve().name, "max_batch": max_batch})
-    config = uv.Config(app, log_level="warning" if out.quiet or out.json else "info",
-                       timeout_graceful_shutdown=2)
-    try:
-        uv.Server(config).run(sockets=[sock])
-    finally:
-        engine.stop()
-        sock.close()
+    _check_options(max_batch, api_key)
+    with bind(host, port) as sock:  # a port in use fails before the model is loaded
+        engine, app = make_server(model, device, api_key, max_batch, no_merge)
+        bound_host, bound_port = sock.getsockname()[:2]
+        url = f"http://{bound_host}:{bound_port}"
+        out.info(f"serving {model}, up to {max_batch} sequences at a time; Ctrl-C stops")
+        out.info(f"chat page:  {url}/")
+        out.info(f"OpenAI API: {url}/v1{' (key required)' if api_key else ''}")
+        out.result({"url": url, "model": Path(model).resolve().name, "max_batch": max_batch})
+        config = uv.Config(app, log_level="warning" if out.quiet or out.json else "info",
+                           timeout_graceful_shutdown=2)
+        try:
+            uv.Server(config).run(sockets=[sock])
+        finally:
+            engine.stop()
