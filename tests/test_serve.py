@@ -245,7 +245,38 @@ def test_bad_requests_get_openai_errors_and_the_server_carries_on(served: dict) 
                                                                   max_tokens=3)
     assert answer.usage.prompt_tokens == 1
     health = httpx.get(url + "/health").json()
-    assert health["status"] == "ok" and health["active"] == 0 and health["requests_failed"] == 0
+    assert health["status"] == "ok" and health["active"] == 0
+
+
+class Failing:
+    """The engine's model, raising on its next `calls` forwards (a bug, out of memory)."""
+
+    def __init__(self, model: torch.nn.Module, calls: int) -> None:
+        self.model, self.calls = model, calls
+
+    def __call__(self, *args, **kw):
+        if self.calls > 0:
+            self.calls -= 1
+            raise RuntimeError("simulated failure")
+        return self.model(*args, **kw)
+
+
+@needs_server
+def test_a_failing_forward_fails_its_requests_not_the_server(served: dict) -> None:
+    engine, url, c = served["engine"], served["url"], client(served)
+    ask = {"model": served["model"], "prompt": "hi", "max_tokens": 5, "temperature": 0}
+    engine.model = Failing(engine.model, 2)
+    try:
+        with pytest.raises(openai.InternalServerError, match="simulated failure"):
+            c.completions.create(**ask)
+        with httpx.stream("POST", url + "/v1/completions", json={**ask, "stream": True}) as r:
+            lines = sse_lines(r)
+        assert r.status_code == 200 and "simulated failure" in lines[-1]  # sent in the stream
+    finally:
+        engine.model = engine.model.model
+    assert c.completions.create(**ask).usage.completion_tokens >= 1
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["active"] == 0 and health["requests_failed"] >= 2
 
 
 def long_prompt(served: dict, max_tokens: int) -> str:

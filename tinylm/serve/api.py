@@ -32,6 +32,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from tinylm.serve import engine as eng
+from tinylm.serve import events as ev
 from tinylm.serve.protocol import (
     APIError,
     Job,
@@ -53,11 +54,11 @@ class _Submission:
     def __init__(self, engine: eng.Engine, job: Job) -> None:
         loop = asyncio.get_running_loop()
         self.engine, self.job = engine, job
-        self.queue: asyncio.Queue[tuple[int, eng.Event]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, ev.Event]] = asyncio.Queue()
         self.requests = []
         for p, prompt in enumerate(job.prompts):
 
-            def emit(event: eng.Event, p: int = p) -> None:
+            def emit(event: ev.Event, p: int = p) -> None:
                 loop.call_soon_threadsafe(self.queue.put_nowait, (p, event))
 
             self.requests.append(eng.Request(prompt, job.config, emit, job.n))
@@ -67,15 +68,15 @@ class _Submission:
         for request in self.requests:
             engine.submit(request)
 
-    async def next(self, timeout: float | None = None) -> tuple[int, eng.Event] | None:
+    async def next(self, timeout: float | None = None) -> tuple[int, ev.Event] | None:
         """The next (choice index, event), None after `timeout`; an engine error raises."""
         try:
             p, event = await asyncio.wait_for(self.queue.get(), timeout)
         except asyncio.TimeoutError:
             return None
-        if isinstance(event, eng.ErrorEvent):
+        if isinstance(event, ev.ErrorEvent):
             raise APIError(500, event.message)
-        if isinstance(event, eng.DoneEvent):
+        if isinstance(event, ev.DoneEvent):
             self.open -= 1
             self.done.add(p)
             self.usage["prompt_tokens"] += event.prompt_tokens
@@ -133,10 +134,11 @@ class _Server:
                 "owned_by": "tinylm", "max_model_len": self.engine.context}
 
     async def health(self, request: Request) -> Response:
-        stats = asdict(self.engine.stats)
-        return JSONResponse({"status": "ok", "model": self.model_name,
-                             "active": len(self.engine.active), "waiting": self.engine.waiting,
-                             "max_batch": self.engine.max_batch, **stats})
+        stats, alive = asdict(self.engine.stats), self.engine.alive
+        return JSONResponse({"status": "ok" if alive else "engine stopped",
+                             "model": self.model_name, "active": len(self.engine.active),
+                             "waiting": self.engine.waiting, "max_batch": self.engine.max_batch,
+                             **stats}, status_code=200 if alive else 503)
 
     async def models(self, request: Request) -> Response:
         self.authorize(request)
@@ -182,9 +184,9 @@ class _Server:
                 if got is None:
                     continue
                 index, event = got
-                if isinstance(event, eng.TextEvent):
+                if isinstance(event, ev.TextEvent):
                     texts[index] += event.text
-                elif isinstance(event, eng.FinishEvent):
+                elif isinstance(event, ev.FinishEvent):
                     reasons[index] = event.reason
         finally:
             submission.cancel()
@@ -221,9 +223,9 @@ async def _stream(submission: _Submission, head: dict[str, Any], chat: bool,
             got = await submission.next()
             assert got is not None  # no timeout: waits for the next event
             index, event = got
-            if isinstance(event, eng.TextEvent):
+            if isinstance(event, ev.TextEvent):
                 yield chunk(index, {"content": event.text} if chat else {"text": event.text})
-            elif isinstance(event, eng.FinishEvent):
+            elif isinstance(event, ev.FinishEvent):
                 yield chunk(index, {} if chat else {"text": ""}, event.reason)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": submission.usage})

@@ -1,8 +1,9 @@
 """Continuous batching: one thread runs the decode loop over every sequence being generated.
 
 The engine owns one `KVCache` of `max_batch` rows, a row per sequence (a "slot"). Each step it
-admits the requests that arrived (each prompt prefilled alone into its slot, its `n` choices
-copies of that slot), then runs one forward over all active sequences, each at its own position
+admits the requests that arrived (their prompts prefilled in one forward, each into its own
+slot, a request's further choices copies of that slot), then runs one forward over all active
+sequences, each at its own position
 (`Transformer.forward` with a per-row `start_pos`), and samples each row with its request's own
 settings and `torch.Generator`, so a seeded request gets the same tokens whatever else is in the
 batch. A finished or cancelled sequence leaves at once: the last slot's cache moves into its
@@ -17,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -28,47 +28,13 @@ import torch
 
 from tinylm.generate import SamplingConfig, TextStream, sample_next, stop_token_ids
 from tinylm.model import KVCache
+from tinylm.serve.events import DoneEvent, ErrorEvent, Event, FinishEvent, TextEvent
 
 PREFILL_TOKENS = 4096  # most prompt tokens (padding included) in one prefill forward
 
 if TYPE_CHECKING:
     from tinylm.model import Transformer
     from tinylm.tokenizer import Tokenizer
-
-
-@dataclass
-class TextEvent:
-    """New text of choice `index`, safe to show (whole characters, no part of a stop string)."""
-
-    index: int
-    text: str
-
-
-@dataclass
-class FinishEvent:
-    """Choice `index` is complete: `reason` is "stop" (end token or stop string) or "length"."""
-
-    index: int
-    reason: str
-    completion_tokens: int
-
-
-@dataclass
-class DoneEvent:
-    """Every choice of the request is complete; token counts for the usage record."""
-
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class ErrorEvent:
-    """The request failed inside the engine (a bug, or out of memory); the server carries on."""
-
-    message: str
-
-
-Event = TextEvent | FinishEvent | DoneEvent | ErrorEvent
 
 
 @dataclass
@@ -164,6 +130,11 @@ class Engine:
             self._wake.notify()
 
     @property
+    def alive(self) -> bool:
+        """False if the decode loop's thread has stopped."""
+        return self._thread.is_alive()
+
+    @property
     def waiting(self) -> int:
         """Requests queued, not yet admitted."""
         return len(self._waiting)
@@ -176,10 +147,14 @@ class Engine:
                         self._wake.wait()
                     if self._stopping:
                         return
-                self._drop_cancelled()
-                self._admit()
-                if self.active:
-                    self._step()
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.active:
+                        self._step()
+                except Exception as exc:  # a bug must not stop the loop: fail what is in it
+                    self._fail(list({id(s.request): s.request for s in self.active}.values()),
+                               exc)
 
     def _drop_cancelled(self) -> None:
         gone = [s for s in self.active if s.request.cancelled]
@@ -252,19 +227,15 @@ class Engine:
         """One token for every active sequence."""
         batch = self.active
         n = len(batch)
-        try:
-            ids = torch.tensor([[s.last] for s in batch], device=self.device)
-            pos = torch.tensor([s.position for s in batch], device=self.device)
-            view = KVCache(self.cache.k[:, :n], self.cache.v[:, :n])
-            # one row: a plain int position takes the model's unmasked path (~10% faster)
-            start = batch[0].position if n == 1 else pos
-            logits = self.model(ids, kv_cache=view, start_pos=start)[:, -1]
-            for s in batch:
-                s.position += 1
-            tokens = self._sample(logits, batch)
-        except Exception as exc:
-            self._fail(list({id(s.request): s.request for s in batch}.values()), exc)
-            return
+        ids = torch.tensor([[s.last] for s in batch], device=self.device)
+        pos = torch.tensor([s.position for s in batch], device=self.device)
+        view = KVCache(self.cache.k[:, :n], self.cache.v[:, :n])
+        # one row: a plain int position takes the model's unmasked path (~10% faster)
+        start = batch[0].position if n == 1 else pos
+        logits = self.model(ids, kv_cache=view, start_pos=start)[:, -1]
+        for s in batch:
+            s.position += 1
+        tokens = self._sample(logits, batch)
         self.stats.steps += 1
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, n)
         self._accept(batch, tokens)
@@ -346,12 +317,3 @@ class Engine:
         self.stats.requests_failed += len(requests)
         self._leave([s for s in self.active if s.request.cancelled and not s.done])
 
-
-def wait_until_idle(engine: Engine, timeout_s: float = 10.0) -> bool:
-    """True once the engine has no active or waiting requests (for tests and shutdown)."""
-    deadline = time.monotonic() + timeout_s
-    while engine.active or engine.waiting:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
