@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/dpo.py
+	$(BIN)/python bench/serve.py
 
 lint: install
 	$(BIN)/pip install -q ruff
