@@ -5,7 +5,9 @@ Accepted: `model` (the served one; may be left out), `prompt` (a string, a list 
 list of token ids or a list of such lists) or `messages` (roles system/developer/user/assistant,
 content a string or a list of text parts), `max_tokens` (or `max_completion_tokens`),
 `temperature` (0 to 2; 0 is greedy), `top_p` (0 to 1; 0 keeps only the likeliest token), `n`,
-`stop` (a string or up to 4), `seed`, `stream`, `stream_options.include_usage`. Other fields are
+`stop` (a string or up to 4), `seed` (choice i draws from its own generator seeded `seed + i`,
+so choice 0 repeats `tinylm generate --seed S --top-k 0`), `stream`,
+`stream_options.include_usage`. Other fields (`logprobs`, `presence_penalty`, `user`, ...) are
 ignored, as OpenAI-compatible servers do, so clients that send them keep working.
 """
 
