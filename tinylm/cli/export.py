@@ -61,7 +61,7 @@ def export(
 
         tinylm export --model runs/sft --format gguf -o sft.gguf --dtype q8_0
 
-        llama-cli -m sft.gguf -cnv
+        llama-cli -m sft.gguf            (a chat with the file's template)
     """
     out = output(quiet, json)
     output_dir = Path(out_path(out_dir, output_alias))
