@@ -272,8 +272,12 @@ def test_llama_cpp_tokenizes_like_tinylm(tmp_path, runs, llama_cpp, name):
             assert ids == tok.encode(text), text
         assert llm.tokenize(chat.encode(), add_bos=False, special=True) == encode_chat(
             tok, messages, add_generation_prompt=True)
-        assert llm.metadata["tokenizer.chat_template"] == chat_template_jinja()
+        template = llm.metadata["tokenizer.chat_template"]
+        assert template == chat_template_jinja()
         assert llm.token_eos() == tok.special_tokens[END_OF_TEXT]
+    # llama-cpp-python renders the file's template (its chat completions use it) as tinylm does
+    formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(template, END_OF_TEXT, END_OF_TEXT)
+    assert formatter(messages=messages).prompt == chat
 
 
 def _greedy(run, prompt: list[int]) -> list[int]:
