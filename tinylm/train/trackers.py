@@ -177,15 +177,20 @@ class MlflowTracker:
         return self.run_id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """One batch of metrics at `step`."""
+        """One batch of metrics at `step`, written by MLflow's logging thread (a SQLite commit
+        per batch would otherwise cost the step its time)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
-                                                    for k, v in metrics.items()])
+                                                    for k, v in metrics.items()],
+                              synchronous=False)
 
     def close(self) -> None:
-        """Mark the run FINISHED."""
+        """Wait for the queued metrics, then mark the run FINISHED."""
+        import mlflow
+
+        mlflow.flush_async_logging()
         self.client.set_terminated(self.run_id)
 
 
