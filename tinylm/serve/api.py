@@ -166,7 +166,7 @@ class _Server:
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": self.model_name}
         if job.stream:
-            events = _stream(_Submission(self.engine, job), head, chat, job.include_usage)
+            events = _stream(self.engine, job, head, chat)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
@@ -204,11 +204,14 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(submission: _Submission, head: dict[str, Any], chat: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
-    """The server-sent events of a streamed answer; a client gone cancels the submission."""
+async def _stream(engine: eng.Engine, job: Job, head: dict[str, Any],
+                  chat: bool) -> AsyncIterator[str]:
+    """The server-sent events of a streamed answer. The job goes to the engine when the
+    response starts (not before: a client gone by then costs nothing), and a client that goes
+    away cancels it."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-    extra = {"usage": None} if include_usage else {}
+    extra = {"usage": None} if job.include_usage else {}
+    submission = _Submission(engine, job)
 
     def chunk(index: int, piece: dict[str, Any], reason: str | None = None) -> str:
         content = {"delta": piece} if chat else piece
@@ -217,7 +220,7 @@ async def _stream(submission: _Submission, head: dict[str, Any], chat: bool,
 
     try:
         if chat:
-            for index in range(len(submission.job.prompts) * submission.job.n):
+            for index in range(len(job.prompts) * job.n):
                 yield chunk(index, {"role": "assistant", "content": ""})
         while submission.open:
             got = await submission.next()
@@ -227,7 +230,7 @@ async def _stream(submission: _Submission, head: dict[str, Any], chat: bool,
                 yield chunk(index, {"content": event.text} if chat else {"text": event.text})
             elif isinstance(event, ev.FinishEvent):
                 yield chunk(index, {} if chat else {"text": ""}, event.reason)
-        if include_usage:
+        if job.include_usage:
             yield _sse({**head, "choices": [], "usage": submission.usage})
         yield "data: [DONE]\n\n"
     except APIError as exc:  # the status is sent already: the error goes in the stream
