@@ -291,10 +291,12 @@ def table(rows: list[dict[str, Any]], params: dict[str, int]) -> list[str]:
     ]
     for r in rows:
         trainable = f"{r['trainable']:,}" if r["trainable"] else "?"
+        runs_spread = f"±{100 * r['spread_runs']:.1f}%" if r["repeats"] > 1 else "-"
         lines.append(
             f"| {r['preset']} | {params[r['preset']]:,} | {r['mode']} | {trainable} | "
             f"{r['peak_mb']:,.0f} | {r['delta_mb']:,.0f} | {r['cpu_s']:.3f} | "
-            f"±{100 * r['spread_runs']:.1f}% / ±{100 * r['spread_steps']:.1f}% | "
+            f"{runs_spread} / "
+            f"±{100 * r['spread_steps']:.1f}% | "
             f"{r['step_s']:.3f} | {r['repeats']} x {r['steps_timed']} | "
             f"{r['positions_per_step']:,.0f} |"
         )

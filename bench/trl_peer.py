@@ -315,7 +315,8 @@ def peer_lines(
             f"{ours['step_s'] / defaults['step_s']:.2f}); TRL defaults / TRL matched "
             f"{defaults['cpu_s'] / matched['cpu_s']:.1f}x"
         )
-    return [*lines, f"- {defaults_text()}", f"- {remains}"]
+        lines.append(f"- {defaults_text()}")
+    return [*lines, f"- {remains}"]
 
 
 def cpu_bf16() -> str:
