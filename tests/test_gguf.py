@@ -176,6 +176,30 @@ def test_smaller_dtypes_store_matrices_so_and_keep_vectors_f32(tmp_path, runs, d
     assert 0 < error < (1e-3 if dtype == "f16" else 1e-2)
 
 
+def test_lora_run_is_written_merged(tmp_path, runs):
+    from tinylm.lora import LoraSettings, apply_lora
+    from tinylm.run import save_adapter_run
+
+    base = runs["llama-tied-gqa"]
+    model = apply_lora(load_run(base).model, LoraSettings(enabled=True, rank=4, alpha=8.0,
+                                                          dropout=0.0, targets="q_proj,v_proj"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    save_adapter_run(adapter, model, base, {"stage": "finetune"})
+    (adapter / "tokenizer.json").write_bytes((base / "tokenizer.json").read_bytes())
+    reader = gguf.GGUFReader(_export(adapter, tmp_path / "lora.gguf"))
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    q = torch.from_numpy(tensor.data.copy())
+    merged = load_run(adapter).model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    plain = load_run(base).model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(q, rope_rows_interleaved(merged, 4))
+    assert not torch.allclose(merged, plain, atol=1e-3)
+
+
 def _written(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
