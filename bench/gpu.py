@@ -1,15 +1,16 @@
 """GPU benchmark: pretraining tokens/s, MFU and peak memory of the 124M presets on one CUDA GPU,
 in bf16 with and without torch.compile, and `tinylm quickstart --device cuda`, timed.
 
-    .venv/bin/python bench/gpu.py --out gpu.json          # on a GPU machine (~8 min on an H100)
+    .venv/bin/python bench/gpu.py --out gpu.json          # on a GPU machine (not yet timed)
     .venv/bin/python bench/gpu.py --from-json gpu.json    # its section into bench/results.md
     .venv/bin/python bench/gpu.py --minimal --out x.json  # the reduced CPU form, in seconds
 
 Each configuration (preset x compile) runs `tinylm.pretrain.pretrain` (what `tinylm pretrain`
 runs) in a fresh process, with the preset's own vocabulary: a tokenizer of that size is trained
 first on real text the machine has (tinyshakespeare when present, then Python's standard
-library sources). A step's time is metrics.jsonl's `elapsed_s` from one step to the next, the
-first `--warmup` steps (compilation, allocator warm-up) left out; tokens/s counts the tokens
+library sources); 40 steps of 4 micro-batches of 16 x 1,024 tokens each. A step's time is
+metrics.jsonl's `elapsed_s` from one step to the next, the first `--warmup` steps
+(compilation, allocator warm-up) left out; tokens/s counts the tokens
 trained in the timed steps. MFU = tokens/s x `tinylm.model.flops_per_token` (6N plus attention,
 PaLM's count) / the GPU's peak dense bf16 FLOP/s, from a table of known GPUs by name (else
 "unknown" and no MFU; `--peak-tflops` gives it). Peak memory: torch.cuda.max_memory_allocated
@@ -191,12 +192,17 @@ def plan(args: argparse.Namespace, cuda: bool) -> list[tuple[str, str, bool]]:
     return [(p, "bf16", c) for p in args.presets for c in (False, True)]
 
 
+def tokens_per_step(args: argparse.Namespace, cuda: bool) -> int:
+    """Tokens per optimizer step: `--accum` micro-batches of `--micro-batch` sequences."""
+    return args.accum * args.micro_batch * (args.seq or (1024 if cuda else 128))
+
+
 def overrides(args: argparse.Namespace, precision: str, compile_: bool, cuda: bool) -> list[str]:
-    """Pretraining settings of one configuration: one micro-batch a step, no checkpoint or
-    evaluation on the way (one small evaluation and the final save come after the timing)."""
+    """Pretraining settings of one configuration: `--accum` micro-batches a step, no checkpoint
+    or evaluation on the way (one small evaluation and the final save come after the timing)."""
     seq = args.seq or (1024 if cuda else 128)
     return [f"train.max_steps={args.steps}", f"train.micro_batch={args.micro_batch}",
-            f"train.batch_tokens={args.micro_batch * seq}", f"data.seq_len={seq}",
+            f"train.batch_tokens={tokens_per_step(args, cuda)}", f"data.seq_len={seq}",
             f"train.precision={precision}", f"train.compile={str(compile_).lower()}",
             f"train.device={'cuda' if cuda else 'cpu'}", "train.log_every=1",
             "train.eval_every=0", "train.save_every=0", f"train.eval_tokens={4 * seq}",
@@ -259,8 +265,8 @@ def render(result: dict[str, Any]) -> str:
     lines.append(
         "Setup: `tinylm.pretrain.pretrain` per configuration in a fresh process, the preset "
         "with a tokenizer of its own vocabulary trained on tinyshakespeare + Python stdlib "
-        f"sources; {result['steps']} steps of one micro-batch, the first {result['warmup']} "
-        "not timed (compilation); tokens/s from metrics.jsonl; MFU = tokens/s x "
+        f"sources; {result['steps']} steps, the first {result['warmup']} not timed "
+        "(compilation); tokens/s from metrics.jsonl; MFU = tokens/s x "
         "flops_per_token / peak."
     )
     return "\n".join(lines)
@@ -278,9 +284,10 @@ def parse() -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["gpt2-124m", "llama-124m"])
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per configuration")
-    p.add_argument("--warmup", type=int, default=8, help="first steps not timed")
-    p.add_argument("--micro-batch", type=int, default=16, help="sequences per step")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per configuration")
+    p.add_argument("--warmup", type=int, default=6, help="first steps not timed")
+    p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward")
+    p.add_argument("--accum", type=int, default=4, help="micro-batches per step (CPU: 1)")
     p.add_argument("--seq", type=int, default=0, help="tokens per sequence (0: 1024, CPU 128)")
     p.add_argument("--corpus-mb", type=float, default=24.0, help="MB of text (CPU: 1)")
     p.add_argument("--quickstart", choices=["full", "fast", "skip"], default="full")
@@ -314,7 +321,7 @@ def main() -> None:
               + ": running the reduced CPU form (tiny preset, float32, no compile, no "
               "quickstart); the GPU figures need a CUDA machine", flush=True)
         args.steps, args.warmup = (4, 2) if args.minimal else (min(args.steps, 8), 2)
-        args.micro_batch = min(args.micro_batch, 4)
+        args.micro_batch, args.accum = min(args.micro_batch, 4), 1
         args.corpus_mb = min(args.corpus_mb, 1.0)
     about = machine(cuda)
     name = about.get("gpu", "cpu")
@@ -339,7 +346,7 @@ def main() -> None:
                     "device": "cuda" if cuda else "cpu", "warmup": args.warmup,
                     "overrides": overrides(args, precision, compile_, cuda)}
             row = run_worker(spec)
-            row["tokens_per_step"] = args.micro_batch * (args.seq or (1024 if cuda else 128))
+            row["tokens_per_step"] = tokens_per_step(args, cuda)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("overrides", "work")}),
                   flush=True)
