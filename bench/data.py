@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--base-mb", type=float, default=80, help="MB of distinct base text")
     parser.add_argument("--train-mb", type=float, default=20, help="tokenizer sample, MB")
-    parser.add_argument("--peer-max-mb", type=float, default=100,
+    parser.add_argument("--peer-max-mb", type=float, default=120,
                         help="tiktoken encodes at most this prefix of each size (its rate does "
                         "not depend on the size)")
     parser.add_argument("--workdir", help="where to write the corpus (default: a temp dir)")

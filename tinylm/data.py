@@ -22,6 +22,7 @@ N, or split over several processes, reads exactly the windows of the uninterrupt
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB as uint16)
 GROUP_CHARS = 1 << 20  # characters of text per encoding task
 PIECE_CHARS = 1 << 18  # text files come in pieces of this size, a few to a task
 PARALLEL_MIN_BYTES = 4 << 20  # smaller corpora are encoded in this thread (no pool to start)
+TRIM_BYTES = 64 << 20  # text encoded between two returns of free memory to the system
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -179,12 +181,28 @@ def _encode_into(
     workers = None if (total_bytes or PARALLEL_MIN_BYTES) >= PARALLEL_MIN_BYTES else 1
     with out.progress("encoding", total=total_bytes) as bar:
         groups = _groups(files, counts, bar)
-        for packed in encode_stream(tokenizer, groups, allowed_special, writer.dtype.name,
-                                    workers):
-            ids = np.frombuffer(packed, dtype=writer.dtype)
+        trimmed = 0
+        for ids in encode_stream(tokenizer, groups, allowed_special, writer.dtype.name,
+                                 workers):
             writer.write(ids)
             counts["n_tokens"] += len(ids)
+            if counts["n_bytes"] - trimmed >= TRIM_BYTES:
+                release_free_memory()
+                trimmed = counts["n_bytes"]
     return counts
+
+
+def release_free_memory() -> None:
+    """Give the C allocator's free memory back to the system (glibc's malloc_trim; elsewhere
+    nothing). Why: the texts and id buffers of a long encode are large and short-lived, freed
+    on other threads than they were made on, and glibc keeps such freed memory in its arenas,
+    so without this the resident memory creeps up with the size of the corpus."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def _text_bytes(records: list[dict[str, Any]]) -> int | None:

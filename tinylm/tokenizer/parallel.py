@@ -130,29 +130,29 @@ SHORT_CHARS = 2048
 
 def pack_group(
     tokenizer: Any, texts: list[str], ends: list[bool], allowed_special: Any, dtype: str
-) -> bytes:
+) -> Any:
     """The ids of `texts` in order, the end-of-text id after each text whose `ends` is True,
-    as the bytes of a `dtype` ("uint16" or "uint32") array."""
+    as one numpy array of `dtype` ("uint16" or "uint32")."""
     import numpy as np
 
     short = [i for i, text in enumerate(texts) if len(text) < SHORT_CHARS]
     short_ids = dict(zip(short, tokenizer.encode_many([texts[i] for i in short],
                                                       allowed_special), strict=True))
-    ids = array("I")
-    eot = tokenizer.eot_id
+    eot = np.array([tokenizer.eot_id], dtype=np.uint32)
+    parts = []
     for i, (text, end) in enumerate(zip(texts, ends, strict=True)):
         if i in short_ids:
-            ids.extend(short_ids[i])
+            parts.append(np.array(short_ids[i], dtype=np.uint32))
         else:
-            ids.frombytes(tokenizer.encode_packed(text, allowed_special))
+            parts.append(np.frombuffer(tokenizer.encode_packed(text, allowed_special),
+                                       dtype=np.uint32))
         if end:
-            ids.append(eot)
-    if dtype == "uint32":
-        return ids.tobytes()
-    return np.frombuffer(ids, dtype=np.uint32).astype(dtype).tobytes()
+            parts.append(eot)
+    # One allocation for the group's ids, cast on the way (few large short-lived buffers).
+    return np.concatenate(parts, dtype=dtype, casting="unsafe") if parts else np.zeros(0, dtype)
 
 
-def pack_task(texts: list[str], ends: list[bool], allowed_special: Any, dtype: str) -> bytes:
+def pack_task(texts: list[str], ends: list[bool], allowed_special: Any, dtype: str) -> Any:
     """Process worker: `pack_group` with the worker's tokenizer."""
     return pack_group(_worker_tokenizer, texts, ends, allowed_special, dtype)
 
@@ -160,7 +160,7 @@ def pack_task(texts: list[str], ends: list[bool], allowed_special: Any, dtype: s
 def encode_stream(
     tokenizer: Any, groups: Iterable[tuple[list[str], list[bool]]], allowed_special: Any,
     dtype: str, workers: int | None = None,
-) -> Iterator[bytes]:
+) -> Iterator[Any]:
     """`pack_group` of each (texts, ends) group, in order, on `workers` threads or processes
     (default: all cores); `groups` is read lazily, at most 2 x workers groups at a time."""
     workers = workers or available_cpus()
