@@ -15,7 +15,10 @@ C clients, C requests are in flight at any time until all are answered. Throughp
 tokens over the wall time of all requests; time to first token (TTFT) is from a request's send
 to its first streamed text. For the generate loop the TTFT of request k is what a queue served
 one at a time gives it: the whole time of the k requests before it, plus its own prefill and
-first token. Results go to the serve section of bench/results.md.
+first token. The loop and the server's levels alternate, `--repeats` times; the table shows
+medians, the ratios are repeat by repeat (their median and range), in wall time and in CPU
+time (the server process's, against the loop's). Results go to the serve section of
+bench/results.md.
 """
 
 from __future__ import annotations
@@ -75,14 +78,15 @@ def prompt_ids(run: Path, n: int) -> list[list[int]]:
     return [tok.encode(text[2000 * i : 2000 * i + 1000])[:PROMPT_TOKENS] for i in range(n)]
 
 
-def generate_loop(run: Path, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    """The batch-1 baseline: `generate` on each prompt in turn, as loaded by tinylm generate."""
-    from tinylm.generate import SamplingConfig, generate, load_for_generation
+def generate_loop(loaded: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """The batch-1 baseline: `generate` on each prompt in turn, on the run as `tinylm generate`
+    loads it (`load_for_generation`)."""
+    from tinylm.generate import SamplingConfig, generate
 
-    loaded = load_for_generation(run, "cpu")
     config = SamplingConfig(max_tokens, temperature=0)
     generate(loaded.model, loaded.tokenizer, prompts[:1], config)  # warm-up
     texts, tokens, ttft, clock = [], 0, [], 0.0
+    cpu = time.process_time()
     start = time.perf_counter()
     for ids in prompts:
         began = time.perf_counter()
@@ -93,7 +97,14 @@ def generate_loop(run: Path, prompts: list[list[int]], max_tokens: int) -> dict[
         texts.append(gen.text)
         tokens += gen.n_tokens
     wall = time.perf_counter() - start
-    return {"texts": texts, "tokens": tokens, "wall_s": wall, "ttft": ttft}
+    return {"texts": texts, "tokens": tokens, "wall_s": wall, "ttft": ttft,
+            "cpu_s": time.process_time() - cpu}
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(run: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
@@ -128,9 +139,10 @@ async def one_request(client: Any, url: str, ids: list[int], max_tokens: int) ->
     return {"text": text, "tokens": usage["completion_tokens"], "ttft": first or 0.0}
 
 
-async def load_test(url: str, prompts: list[list[int]], max_tokens: int,
+async def load_test(url: str, pid: int, prompts: list[list[int]], max_tokens: int,
                     clients: int) -> dict[str, Any]:
-    """All prompts through the server, `clients` requests in flight at a time."""
+    """All prompts through the server (process `pid`), `clients` requests in flight at a
+    time; `cpu_s` is the server process's CPU time over them."""
     import httpx
 
     gate = asyncio.Semaphore(clients)
@@ -142,11 +154,13 @@ async def load_test(url: str, prompts: list[list[int]], max_tokens: int,
                 return await one_request(client, url, ids, max_tokens)
 
         await one_request(client, url, prompts[0], 4)  # warm-up
+        cpu = process_cpu_s(pid)
         start = time.perf_counter()
         results = await asyncio.gather(*(limited(ids) for ids in prompts))
         wall = time.perf_counter() - start
     return {"texts": [r["text"] for r in results], "tokens": sum(r["tokens"] for r in results),
-            "wall_s": wall, "ttft": [r["ttft"] for r in results]}
+            "wall_s": wall, "ttft": [r["ttft"] for r in results],
+            "cpu_s": process_cpu_s(pid) - cpu}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -154,13 +168,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def row(name: str, clients: int, result: dict[str, Any], reference: list[str]) -> str:
-    rate = result["tokens"] / result["wall_s"]
-    same = sum(a == b for a, b in zip(result["texts"], reference, strict=True))
-    ttft = result["ttft"]
-    return (f"| {name} | {clients} | {len(ttft)} | {result['tokens']} | {result['wall_s']:.2f} | "
-            f"{rate:.1f} | {1000 * statistics.median(ttft):.0f} | "
-            f"{1000 * percentile(ttft, 0.95):.0f} | {same}/{len(ttft)} |")
+def rate(result: dict[str, Any], per: str = "wall_s") -> float:
+    """Generated tokens per second of wall time (or of CPU time: per="cpu_s")."""
+    return result["tokens"] / max(result[per], 1e-9)
+
+
+def row(name: str, clients: int, repeats: list[dict[str, Any]], reference: list[str]) -> str:
+    """A table row: medians over the repeats."""
+    def median(f: Any) -> float:
+        return statistics.median(f(r) for r in repeats)
+
+    same = sum(a == b for r in repeats for a, b in zip(r["texts"], reference, strict=True))
+    n = sum(len(r["texts"]) for r in repeats)
+    return (f"| {name} | {clients} | {len(repeats[0]['ttft'])} | {repeats[0]['tokens']} | "
+            f"{median(lambda r: r['wall_s']):.2f} | {median(rate):.1f} | "
+            f"{median(lambda r: rate(r, 'cpu_s')):.1f} | "
+            f"{1000 * median(lambda r: statistics.median(r['ttft'])):.0f} | "
+            f"{1000 * median(lambda r: percentile(r['ttft'], 0.95)):.0f} | {same}/{n} |")
+
+
+def paired(top: list[dict[str, Any]], base: list[dict[str, Any]], per: str) -> str:
+    """Median, and range, of the repeat-by-repeat ratios of two rates."""
+    ratios = sorted(rate(a, per) / rate(b, per) for a, b in zip(top, base, strict=True))
+    return (f"**{statistics.median(ratios):.2f}x** (repeats {ratios[0]:.2f}x to "
+            f"{ratios[-1]:.2f}x)")
 
 
 def load_average() -> str:
@@ -186,6 +217,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on both sides (0: torch's default, one per core)")
     parser.add_argument("--no-write", action="store_true", help="do not update results.md")
@@ -194,44 +226,53 @@ def main() -> None:
     torch.set_num_threads(threads)
     levels = [int(c) for c in args.clients.split(",")]
     load_before = load_average()
+    base: list[dict[str, Any]] = []
+    served: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
     with tempfile.TemporaryDirectory() as tmp:
+        from tinylm.generate import load_for_generation
+
         run = build_run(Path(tmp), args.preset)
         prompts = prompt_ids(run, args.requests)
-        baseline = generate_loop(run, prompts, args.max_tokens)
-        rows = [row("generate, one at a time", 1, baseline, baseline["texts"])]
-        print(rows[0], flush=True)
+        loaded = load_for_generation(run, "cpu")
         server, url = start_server(run, max(levels), threads)
-        try:
-            served = {}
-            for clients in levels:
-                served[clients] = asyncio.run(load_test(url, prompts, args.max_tokens, clients))
-                rows.append(row("tinylm serve", clients, served[clients], baseline["texts"]))
-                print(rows[-1], flush=True)
+        try:  # the two sides alternate, so that the machine's load falls on both alike
+            for repeat in range(args.repeats):
+                base.append(generate_loop(loaded, prompts, args.max_tokens))
+                print(f"repeat {repeat + 1}: generate loop {rate(base[-1]):.1f} tok/s",
+                      flush=True)
+                for clients in levels:
+                    served[clients].append(asyncio.run(load_test(
+                        url, server.pid, prompts, args.max_tokens, clients)))
+                    print(f"repeat {repeat + 1}: {clients} clients "
+                          f"{rate(served[clients][-1]):.1f} tok/s", flush=True)
         finally:
             server.terminate()
             server.wait()
-    base_rate = baseline["tokens"] / baseline["wall_s"]
-    top = max(levels)
-    top_rate = served[top]["tokens"] / served[top]["wall_s"]
-    one_rate = served[min(levels)]["tokens"] / served[min(levels)]["wall_s"]
+    reference = base[0]["texts"]
+    rows = [row("generate, one at a time", 1, base, reference)]
+    rows += [row("tinylm serve", c, served[c], reference) for c in levels]
+    top, one = max(levels), min(levels)
     command = "`.venv/bin/python bench/serve.py" + "".join(
         f" {a}" for a in sys.argv[1:]) + "`"
     section = "\n".join([
         f"{command} on {datetime.date.today()}, CPU only, float32, `{args.preset}` preset "
         f"(random weights, BPE vocab 8192), {PROMPT_TOKENS}-token prompts, greedy, "
         f"max_tokens {args.max_tokens}, {args.requests} requests per row, {threads} torch "
-        f"thread{'s' if threads > 1 else ''} on each side.",
+        f"thread{'s' if threads > 1 else ''} on each side, median of {args.repeats} repeats "
+        "(the generate loop and the server levels alternate).",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
         f"load average (1, 5, 15 min) {load_before} before, {load_average()} after.",
         "",
-        "| mode | clients | requests | tokens | wall s | tokens/s | TTFT p50 ms | TTFT p95 ms "
-        "| same text as generate |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | clients | requests | tokens | wall s | tokens/s | tokens per CPU-s "
+        "| TTFT p50 ms | TTFT p95 ms | same text as generate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"- {top} clients: **{top_rate / base_rate:.2f}x** the tokens/s of the generate loop "
-        f"serving them one at a time (target 4x); {top_rate / one_rate:.2f}x the server's own "
-        f"rate with {min(levels)} client.",
+        f"- {top} clients: {paired(served[top], base, 'wall_s')} the tokens/s of the generate "
+        f"loop serving them one at a time (target 4x); {paired(served[top], served[one], 'wall_s')}"
+        f" the server's own rate with {one} client.",
+        f"- per CPU-second (the server process's CPU time against the loop's; other processes' "
+        f"load disturbs it less): {paired(served[top], base, 'cpu_s')} at {top} clients.",
         "",
         NOTE,
     ])
