@@ -189,8 +189,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="do not update results.md")
     args = parser.parse_args()
 
-    from tinylm.model import pack_weights
-    from tinylm.model import param_breakdown
+    from tinylm.model import pack_weights, param_breakdown
 
     load_before = load_average()
     rows = ["| preset | params | threads | batch | prefill (64 tok) ms | decode tok/s (all rows) | "
