@@ -5,7 +5,10 @@ The adapter files are PEFT's own:
 
     adapter_config.json        PEFT's LoraConfig file
     adapter_model.safetensors  the A and B matrices, under PEFT's names
-                               (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight)
+                               (base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight),
+                               and the rows of the chat template's tokens (PEFT's trainable
+                               tokens: ...embed_tokens.token_adapter.trainable_tokens_delta, and
+                               lm_head's own when the head is not tied)
 
 Because tinylm's module names are Hugging Face Llama's, the same two files load with
 `peft.PeftModel.from_pretrained` onto our `Transformer` and onto the model `tinylm export`

@@ -12,7 +12,9 @@
 Every model is scored the same way, by greedy generation through the chat template:
 exact match on `sft_eval.jsonl` (questions on facts that only pretraining saw, scored by
 `tinylm.synth.scoring.exact_match`), and the preferred-style share on the prompts of
-`prefs_eval.jsonl` (`shows_preference`). Preference accuracy is `tinylm eval`'s: the DPO run's
+`prefs_eval.jsonl` (`shows_preference`); base, sft, lora and dpo also on whether they end their
+turn (`tinylm.turns`: p(<|im_end|>) after the right answer, and the share of replies sampled
+at temperature 0.7 that end within 48 tokens). Preference accuracy is `tinylm eval`'s: the DPO run's
 log-prob ratio against its base. `pretrain.unigram_bpb` is the entropy of the corpus's own token
 frequencies in bits per byte: a model that knew nothing but those frequencies, fitted on the
 text it is scored on (a floor for any unigram model, so the comparison flatters the baseline).
@@ -164,6 +166,21 @@ def sampled_exact_match(run_dir: Path, data_dir: Path, device: str, seed: int) -
     return scores["val_rewards/exact/mean"]
 
 
+def turn_scores(run_dir: Path, data_dir: Path, device: str, seed: int) -> dict[str, float]:
+    """Does the run end its turn (`tinylm.turns`): p(<|im_end|>) right after the right answers
+    of sft_eval.jsonl, and the share of its replies sampled at SAMPLED_TEMPERATURE that end
+    with <|im_end|> within 48 tokens."""
+    from tinylm.generate import load_for_generation
+    from tinylm.turns import ends_turn_share, p_turn_end
+
+    run = load_for_generation(run_dir, device)
+    conversations = [q["messages"] for q in read_jsonl(data_dir / "sft_eval.jsonl")]
+    return {"p_turn_end": p_turn_end(run.model, run.tokenizer, conversations),
+            "ends_turn_share": ends_turn_share(run.model, run.tokenizer,
+                                               [c[:-1] for c in conversations],
+                                               temperature=SAMPLED_TEMPERATURE, seed=seed)}
+
+
 def _share(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else 0.0
 
@@ -255,6 +272,8 @@ def run_quickstart(out_dir: str | Path, *, fast: bool = False, device: str = "au
     sampled_after = sampled_exact_match(root / "rl", data_dir, device, seed)
     wall["rl"] = t.elapsed
 
+    turns = {name: turn_scores(root / name, data_dir, device, seed)
+             for name in ("base", "sft", "lora", "dpo")}
     base_metrics = read_metrics(root / "base" / "metrics.jsonl")
     report: dict[str, Any] = {
         "plan": plan.name,
@@ -290,6 +309,8 @@ def run_quickstart(out_dir: str | Path, *, fast: bool = False, device: str = "au
                "sampled_exact_match_after": sampled_after, "wall_s": wall["rl"]},
         "wall_s": clock.elapsed,
     }
+    for name, scores in turns.items():
+        report[name].update(scores)
     questions = read_jsonl(data_dir / "sft_eval.jsonl")[: plan.samples]
     report["samples"] = [
         {"question": q["messages"][0]["content"], "answer": q["answer"],
@@ -309,15 +330,17 @@ def write_report(root: Path, report: dict[str, Any]) -> None:
     atomic_write_text(root / "report.md", render_markdown(report))
 
 
+# p(<|im_end|>) after a right answer; the share of sampled replies that end their turn
+_TURNS = ("p_turn_end", "ends_turn_share")
 _ROWS = {
     "pretrain": ("steps", "tokens", "parameters", "loss", "val_loss", "val_bpb", "unigram_bpb",
                  "wall_s"),
-    "base": ("exact_match",),
-    "sft": ("steps", "loss", "val_loss", "exact_match", "wall_s"),
-    "lora": ("steps", "loss", "val_loss", "exact_match", "trainable_parameters",
+    "base": ("exact_match", *_TURNS),
+    "sft": ("steps", "loss", "val_loss", "exact_match", *_TURNS, "wall_s"),
+    "lora": ("steps", "loss", "val_loss", "exact_match", *_TURNS, "trainable_parameters",
              "trainable_fraction", "wall_s"),
     "dpo": ("steps", "loss", "pref_accuracy", "reward_margin", "preferred_share_before",
-            "preferred_share_after", "exact_match", "wall_s"),
+            "preferred_share_after", "exact_match", *_TURNS, "wall_s"),
     "rl": ("steps", "loss", "exact_match_before", "exact_match", "sampled_exact_match_before",
            "sampled_exact_match_after", "wall_s"),
 }

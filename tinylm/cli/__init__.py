@@ -12,6 +12,7 @@ from tinylm.cli import (  # noqa: F401
     finetune,
     generate,
     info,
+    plot,
     pretrain,
     quickstart,
     rl,
