@@ -1,6 +1,6 @@
 """DPO benchmark: peak memory and step time of full DPO, --precompute-ref and LoRA DPO, on CPU.
 
-    .venv/bin/python bench/dpo.py --threads 1          # ~6 min idle; writes bench/results.md
+    .venv/bin/python bench/dpo.py --threads 1          # writes bench/results.md
     .venv/bin/python bench/dpo.py --presets small --steps 6 --repeats 2 --no-write
 
 Each configuration (preset x full / full with precompute_ref / LoRA) runs in a fresh subprocess
@@ -187,7 +187,7 @@ def dpo_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     parser = parse(__doc__.splitlines()[0])
-    # ~6 min on an idle machine: the small preset 3 runs of 10 steps a configuration (tinylm
+    # 36 min at load average 15 on 2 cores: the small preset 3 runs of 10 steps (tinylm
     # and TRL alike), gpt2-124m (~8 s a full step on one thread) one run of 5 for its memory
     parser.set_defaults(steps=10, warmup=2, repeats=3, large_steps=5, large_repeats=1,
                         trl_defaults=False)
