@@ -59,7 +59,7 @@ def rl(
     epochs: Annotated[float | None, typer.Option(help="Passes over the prompts.")] = None,
     max_steps: tuning.MaxSteps = None,
     lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate (default 1e-5; 1e-4 with LoRA).")
+        float | None, typer.Option(help="Peak learning rate (default 1e-4; 1e-3 with LoRA).")
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Prompts per optimizer step (default 8).")

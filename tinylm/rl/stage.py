@@ -44,8 +44,11 @@ from tinylm.tuning import (
     make_trainable,
 )
 
-FULL_LR = 1e-5  # see RLConfig: TRL's 1e-6 is for models a hundred times larger
-LORA_LR = 1e-4
+# TRL's default 1e-6 is for models a thousand times larger. Measured on the quickstart's tuned
+# tiny model (100 steps of 8 prompts x 8): 1e-4 and 2e-4 raise the reward steadily, 5e-4 is
+# unstable, 1e-3 collapses every answer. LoRA: ten times the full rate, as finetune and dpo.
+FULL_LR = 1e-4
+LORA_LR = 1e-3
 
 
 @dataclass
