@@ -38,8 +38,17 @@ import torch
 from tinylm.atomic import atomic_dir
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
-from tinylm.sources import DEFAULT_TEXT_FIELD, DataFile, DataValue, mixture_weights
+from tinylm.formats import parquet_record
+from tinylm.sources import (
+    DEFAULT_TEXT_FIELD,
+    DataFile,
+    DataValue,
+    mixture_weights,
+    resolve_sources,
+    source_files,
+)
 from tinylm.textio import iter_file_pieces
+from tinylm.tokenizer.parallel import encode_stream
 
 if TYPE_CHECKING:
     from tinylm.tokenizer import Tokenizer
@@ -82,7 +91,6 @@ def file_record(file: DataFile) -> dict[str, Any]:
     if file.kind != "text":
         record["text_field"] = file.text_field
     if file.kind == "parquet":
-        from tinylm.formats import parquet_record
 
         record.update(parquet_record(file.path))
     return record
@@ -175,7 +183,6 @@ def _encode_into(
     total_bytes: int | None, out: Output, allowed_special: AbstractSet[str],
 ) -> dict[str, int]:
     """Stream the files through the tokenizer into `writer`; token, doc and byte counts."""
-    from tinylm.tokenizer.parallel import encode_stream
 
     counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
     workers = None if (total_bytes or PARALLEL_MIN_BYTES) >= PARALLEL_MIN_BYTES else 1
@@ -259,7 +266,6 @@ def encode_corpus(
     Special-token spellings in the text are plain text unless named in `allowed_special`;
     `text_field` is the JSONL key or parquet column holding the text.
     """
-    from tinylm.sources import resolve_sources, source_files
 
     sources = resolve_sources(paths, text_field)
     allowed = frozenset(allowed_special)

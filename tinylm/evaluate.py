@@ -31,6 +31,7 @@ from torch import nn
 from tinylm.console import SILENT, Output
 from tinylm.data import TokenStream, encode_corpus, eval_window, eval_windows
 from tinylm.errors import TinyLMError
+from tinylm.formats import open_parquet
 from tinylm.lora import adapter_disabled
 from tinylm.losses import dpo_batch_loss, sequence_logps
 from tinylm.run import base_run_path, load_run
@@ -39,6 +40,7 @@ from tinylm.sft.batch import Pairs, pair_batch
 from tinylm.sft.data import detect_format, read_all
 from tinylm.sft.evaluate import exact_match, validation_loss
 from tinylm.sources import DataFile, expand
+from tinylm.textio import iter_jsonl
 from tinylm.tokenizer import Tokenizer
 from tinylm.train.distributed import DistInfo, all_reduce_sum, resolve_device
 from tinylm.train.loop import autocast_context
@@ -65,7 +67,6 @@ def _file_kind(file: DataFile) -> str:
     if file.kind == "text":
         return "text"
     if file.kind == "parquet":
-        from tinylm.formats import open_parquet
 
         names = open_parquet(file.path).schema_arrow.names
         kind = _record_kind(names, file.text_field)
@@ -78,7 +79,6 @@ def _file_kind(file: DataFile) -> str:
 
 def _jsonl_kind(path: Path, text_field: str = "text") -> str:
     """The kind of a JSONL file, from its first object."""
-    from tinylm.textio import iter_jsonl
 
     for lineno, obj in iter_jsonl(path):
         if isinstance(obj, dict):

@@ -19,7 +19,35 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tinylm.errors import TinyLMError
-from tinylm.textio import READ_BYTES, open_file
+
+READ_BYTES = 1 << 20  # read files 1 MiB at a time so a corpus never has to fit in memory
+
+
+def check_file(path: str | Path, hint: str = "check the path") -> Path:
+    """`path` when it is a regular file; else one clear error: missing, a directory, a device."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise TinyLMError(f"{path}: is a directory, not a file", "give the files inside it")
+    if path.exists():
+        raise TinyLMError(f"{path}: not a regular file")
+    raise TinyLMError(f"{path}: no such file", hint)
+
+
+@contextmanager
+def open_file(path: str | Path, hint: str = "check the path") -> Iterator[BinaryIO]:
+    """A regular file opened for binary reading; `TinyLMError` when it is missing, not a file
+    or unreadable (permissions), naming the file."""
+    path = check_file(path, hint)
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise TinyLMError(
+            f"{path}: cannot read it ({exc.strerror})", "check its permissions"
+        ) from None
+    with f:
+        yield f
 
 # Compressed bytes handed to zstd at a time: one call's output stays a few MiB for text.
 ZSTD_FEED = 1 << 16

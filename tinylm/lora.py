@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tinylm.chat import TURN_END, TURN_START
 from tinylm.errors import TinyLMError
 
 if TYPE_CHECKING:
@@ -77,7 +78,6 @@ def target_modules(model: nn.Module, targets: str) -> list[str]:
 
 def template_token_ids(tokenizer: Any) -> list[int]:
     """The ids of the chat template's own tokens (<|im_start|>, <|im_end|>) in `tokenizer`."""
-    from tinylm.chat import TURN_END, TURN_START
 
     specials = dict(tokenizer.special_tokens)
     return sorted(specials[t] for t in (TURN_START, TURN_END) if t in specials)

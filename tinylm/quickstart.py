@@ -32,7 +32,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinylm.console import SILENT, Output, Stopwatch
+from tinylm.console import SILENT, Output, Stopwatch, format_value
+from tinylm.dpo import dpo
+from tinylm.evaluate import eval_preference
+from tinylm.finetune import finetune
+from tinylm.generate import load_for_generation
+from tinylm.pretrain import pretrain
+from tinylm.rl.evaluate import encode_prompts, evaluate_rewards
+from tinylm.rl.rewards import parse_rewards
+from tinylm.rl.stage import rl
+from tinylm.run import load_run, read_run_config
+from tinylm.sft.evaluate import greedy_replies
+from tinylm.synth import synthesize
+from tinylm.synth.scoring import exact_match, shows_preference
+from tinylm.textio import atomic_write_text, check_output_dir
+from tinylm.tokenizer import Tokenizer
+from tinylm.train.distributed import resolve_device
+from tinylm.train.report import read_metrics
+from tinylm.turns import ends_turn_share, p_turn_end
 
 
 @dataclass(frozen=True)
@@ -107,7 +124,6 @@ STAGES = ("data", "tokenizer", "pretrain", "sft", "lora", "dpo", "rl")
 def choose_plan(fast: bool, device: str) -> Plan:
     """The fast plan when asked; the GPU plan on CUDA; the default plan otherwise. A device that
     is not there is an error here, before anything is written."""
-    from tinylm.train.distributed import resolve_device
 
     on_cuda = resolve_device(device).type == "cuda"
     if fast:
@@ -133,9 +149,6 @@ def score_run(run_dir: Path, data_dir: Path, device: str,
               with_preference: bool) -> tuple[dict[str, float], list[str]]:
     """Exact match on sft_eval and, when asked, the preferred-style share on prefs_eval's
     prompts, of the run's greedy answers; and its answers to the eval questions."""
-    from tinylm.generate import load_for_generation
-    from tinylm.sft.evaluate import greedy_replies
-    from tinylm.synth.scoring import exact_match, shows_preference
 
     run = load_for_generation(run_dir, device)
     questions = read_jsonl(data_dir / "sft_eval.jsonl")
@@ -154,9 +167,6 @@ def score_run(run_dir: Path, data_dir: Path, device: str,
 def sampled_exact_match(run_dir: Path, data_dir: Path, device: str, seed: int) -> float:
     """The share of SAMPLES_PER_PROMPT answers at SAMPLED_TEMPERATURE to each question of
     rl_eval.jsonl (the held-out questions) that are right (`exact` reward, seeded)."""
-    from tinylm.generate import load_for_generation
-    from tinylm.rl.evaluate import encode_prompts, evaluate_rewards
-    from tinylm.rl.rewards import parse_rewards
 
     run = load_for_generation(run_dir, device)
     context = run.model.config.max_seq_len
@@ -172,8 +182,6 @@ def turn_scores(run_dir: Path, data_dir: Path, device: str, seed: int) -> dict[s
     """Does the run end its turn (`tinylm.turns`): p(<|im_end|>) right after the right answers
     of sft_eval.jsonl, and the share of its replies sampled at SAMPLED_TEMPERATURE that end
     with <|im_end|> within 48 tokens."""
-    from tinylm.generate import load_for_generation
-    from tinylm.turns import ends_turn_share, p_turn_end
 
     run = load_for_generation(run_dir, device)
     conversations = [q["messages"] for q in read_jsonl(data_dir / "sft_eval.jsonl")]
@@ -195,16 +203,6 @@ def _curve(records: list[dict[str, Any]], key: str) -> float | None:
 def run_quickstart(out_dir: str | Path, *, fast: bool = False, device: str = "auto",
                    seed: int = 0, force: bool = False, out: Output = SILENT) -> dict[str, Any]:
     """Run every stage into `out_dir` and write report.md / report.json; return the report."""
-    from tinylm.dpo import dpo
-    from tinylm.evaluate import eval_preference
-    from tinylm.finetune import finetune
-    from tinylm.pretrain import pretrain
-    from tinylm.rl.stage import rl
-    from tinylm.run import load_run, read_run_config
-    from tinylm.synth import synthesize
-    from tinylm.textio import check_output_dir
-    from tinylm.tokenizer import Tokenizer
-    from tinylm.train.report import read_metrics
 
     plan = choose_plan(fast, device)
     root = check_output_dir(out_dir, force)
@@ -326,7 +324,6 @@ def run_quickstart(out_dir: str | Path, *, fast: bool = False, device: str = "au
 
 def write_report(root: Path, report: dict[str, Any]) -> None:
     """DIR/report.json (the numbers) and DIR/report.md (tables, curves, samples)."""
-    from tinylm.textio import atomic_write_text
 
     atomic_write_text(root / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(root / "report.md", render_markdown(report))
@@ -359,7 +356,6 @@ _CURVES = {"pretrain": "base", "sft": "sft", "lora": "lora", "dpo": "dpo", "rl":
 
 
 def _cell(value: Any) -> str:
-    from tinylm.console import format_value
 
     return "-" if value is None else format_value(value)
 

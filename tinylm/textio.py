@@ -15,19 +15,21 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any
 
 import regex
 
 from tinylm.errors import TinyLMError
+from tinylm.formats import (
+    READ_BYTES,
+    CorruptData,
+    iter_parquet_texts,
+    open_data,
+)
+from tinylm.sources import DataFile, DataValue, classify, expand
 
-if TYPE_CHECKING:
-    from tinylm.sources import DataFile, DataValue
-
-READ_BYTES = 1 << 20  # read files 1 MiB at a time so a corpus never has to fit in memory
 # A JSONL line longer than this is a wrong file (a JSON array, a binary), not one example; the
 # check keeps such a file from being read whole into memory before it fails.
 MAX_LINE_BYTES = 64 << 20
@@ -45,36 +47,7 @@ class TextPiece:
 def expand_paths(paths: Iterable[DataValue]) -> list[Path]:
     """Files as given, the files under directories (recursively, sorted, of a known kind) and
     those a glob matches; `path:weight` values count as their path (tinylm.sources)."""
-    from tinylm.sources import expand
-
     return [f.path for f in expand(paths)]
-
-
-def check_file(path: str | Path, hint: str = "check the path") -> Path:
-    """`path` when it is a regular file; else one clear error: missing, a directory, a device."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if path.is_dir():
-        raise TinyLMError(f"{path}: is a directory, not a file", "give the files inside it")
-    if path.exists():
-        raise TinyLMError(f"{path}: not a regular file")
-    raise TinyLMError(f"{path}: no such file", hint)
-
-
-@contextmanager
-def open_file(path: str | Path, hint: str = "check the path") -> Iterator[BinaryIO]:
-    """A regular file opened for binary reading; `TinyLMError` when it is missing, not a file
-    or unreadable (permissions), naming the file."""
-    path = check_file(path, hint)
-    try:
-        f = open(path, "rb")  # noqa: SIM115 (closed by the with below)
-    except OSError as exc:
-        raise TinyLMError(
-            f"{path}: cannot read it ({exc.strerror})", "check its permissions"
-        ) from None
-    with f:
-        yield f
 
 
 # A letter or digit followed by whitespace, searched from the end of the text.
@@ -104,8 +77,6 @@ def _iter_file_text(
 ) -> Iterator[str]:
     """A UTF-8 file's text (decompressed as it is read when `compression` is "gzip" or "zstd")
     in pieces of at most about `max_chars`, cut at safe boundaries."""
-    from tinylm.formats import CorruptData, open_data
-
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
     pending = ""
@@ -176,8 +147,6 @@ def check_text(text: str, what: str, hint: str | None = None) -> str:
 
 
 def _compression(path: Path) -> str | None:
-    from tinylm.sources import classify
-
     kind = classify(path)
     return kind[1] if kind else None
 
@@ -190,8 +159,6 @@ def iter_jsonl(path: str | Path, hint: str = "check the path") -> Iterator[tuple
     blank lines (skipped). Errors name the file and line: invalid UTF-8, invalid or too deeply
     nested JSON, a line over `MAX_LINE_BYTES`, corrupt compressed data.
     """
-    from tinylm.formats import CorruptData, open_data
-
     path = Path(path)
     with open_data(path, _compression(path), hint) as f:
         lineno = 0
@@ -249,8 +216,6 @@ def iter_file_pieces(file: DataFile, max_chars: int = READ_BYTES) -> Iterator[Te
         yield from _iter_jsonl_texts(file.path, file.text_field)
         return
     if file.kind == "parquet":
-        from tinylm.formats import iter_parquet_texts
-
         for where, text in iter_parquet_texts(file.path, file.text_field):
             yield TextPiece(text, where, doc_end=True)
         return
@@ -274,8 +239,6 @@ def iter_text(
     GPT-style pre-tokenizer cuts anyway (before whitespace that follows a letter or digit);
     `doc_end` marks each document's last piece.
     """
-    from tinylm.sources import expand
-
     for file in expand(paths, text_field):
         yield from iter_file_pieces(file, max_chars)
 

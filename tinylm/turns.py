@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tinylm.chat import TURN_END, encode_chat
+from tinylm.generate import SamplingConfig, generate
 from tinylm.tokenizer import Tokenizer
 
 Conversation = Sequence[Mapping[str, str]]
@@ -55,7 +56,6 @@ def ends_turn_share(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Co
                     batch_size: int = 32) -> float:
     """The share of sampled replies to `prompts` (conversations before the assistant's turn)
     whose last generated token is <|im_end|> within `max_new_tokens`."""
-    from tinylm.generate import SamplingConfig, generate
 
     end = tokenizer.special_tokens[TURN_END]
     context = model.config.max_seq_len

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tinylm.chat import END_OF_TEXT, TURN_END, TURN_START, chat_template_jinja
 from tinylm.console import SILENT, Output, Stopwatch
 from tinylm.errors import TinyLMError
+from tinylm.run import load_run
 from tinylm.tokenizer.hf_format import token_string
 from tinylm.tokenizer.pretokenize import GPT2_PATTERN, GPT4_PATTERN
 
@@ -246,7 +247,6 @@ def export_gguf(
     except ImportError:
         raise TinyLMError("GGUF export needs the `gguf` package",
                           "pip install 'tinylm[gguf]' (or pip install gguf)") from None
-    from tinylm.run import load_run
 
     dtype = _ALIASES.get(dtype, dtype)
     if dtype not in DTYPES:

@@ -21,6 +21,7 @@ from tinylm.errors import TinyLMError
 from tinylm.rl.data import RLPrompt, read_rl_prompts
 from tinylm.rl.rewards import Reward, score
 from tinylm.rl.sampling import sample_groups
+from tinylm.train.distributed import DistInfo, all_reduce_sum
 
 if TYPE_CHECKING:
     from torch import nn
@@ -83,7 +84,6 @@ def evaluate_rewards(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[R
     """Mean rewards of greedy answers (`{prefix}reward_greedy`, `{prefix}rewards/NAME/greedy`)
     and of `generations` samples per prompt at `temperature` (`{prefix}reward`,
     `{prefix}rewards/NAME/mean`). Under several processes each scores every world-th prompt."""
-    from tinylm.train.distributed import DistInfo, all_reduce_sum
 
     dist = dist or DistInfo()
     mine = list(range(dist.rank, len(prompts), dist.world_size))

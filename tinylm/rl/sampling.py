@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from tinylm.generate import SamplingConfig, generate
 from tinylm.rl.loss import token_logps
 
 if TYPE_CHECKING:
@@ -73,7 +74,6 @@ def sample_groups(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[list
                   batch_size: int = 64) -> Rollouts:
     """`group_size` completions of each prompt (token ids of a chat prompt), drawn from
     `model` in eval mode; a pure function of (weights, prompts, settings, seed)."""
-    from tinylm.generate import SamplingConfig, generate
 
     rows = [list(p) for p in prompts for _ in range(group_size)]
     config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,

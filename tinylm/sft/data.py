@@ -25,6 +25,8 @@ from typing import Any
 
 from tinylm.chat import ROLES
 from tinylm.errors import TinyLMError
+from tinylm.formats import iter_parquet_rows, open_parquet
+from tinylm.sources import classify
 from tinylm.textio import iter_jsonl
 
 Message = dict[str, str]
@@ -53,14 +55,12 @@ class BadExample(ValueError):
 def iter_records(path: str | Path, columns: set[str]) -> Iterator[tuple[str, Any]]:
     """(where, object) for each example of a JSONL file ("file:line") or a parquet file
     ("file: row group G, row R"; only `columns`, null values left out)."""
-    from tinylm.sources import classify
 
     path = Path(path)
     if (classify(path) or ("",))[0] != "parquet":
         for lineno, obj in iter_jsonl(path):
             yield f"{path}:{lineno}", obj
         return
-    from tinylm.formats import iter_parquet_rows, open_parquet
 
     names = open_parquet(path).schema_arrow.names
     if not columns & set(names):

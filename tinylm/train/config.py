@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tinylm.errors import TinyLMError
+from tinylm.train.trackers import check_trackers
 
 
 @dataclass
@@ -45,7 +46,6 @@ class TrainConfig:
     log: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from tinylm.train.trackers import check_trackers
 
         # An unknown or uninstalled tracker fails here, when the config is built, before work.
         self.log = check_trackers([self.log] if isinstance(self.log, str) else self.log)

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tinylm.errors import TinyLMError
+from tinylm.model import Transformer, param_breakdown
+from tinylm.textio import atomic_write_json
 
 IDS_FILE = "trackers.json"
 PROJECT = "tinylm"  # W&B project and MLflow experiment, unless WANDB_PROJECT / MLFLOW_...
@@ -211,7 +213,6 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def model_parameters(model: Any) -> dict[str, int]:
     """The model's parameter breakdown (`tinylm.model.param_breakdown`) and how many train."""
-    from tinylm.model import Transformer, param_breakdown
 
     core = next((m for m in model.modules() if isinstance(m, Transformer)), None)
     parts = param_breakdown(core.config) if core is not None else {}
@@ -265,7 +266,6 @@ def open_trackers(names: list[str], run_dir: Path, *, resume_step: int | None,
     """Open the trackers `names` for `run_dir` (rank 0 only), logging the effective config,
     the parameter breakdown and the run directory. With `resume_step`, continue the tracker
     runs kept in RUN/trackers.json after that step. None when `names` is empty."""
-    from tinylm.textio import atomic_write_json
 
     names = check_trackers(names)
     if not names:
