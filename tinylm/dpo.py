@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from tinylm.config import to_dict
 from tinylm.console import Output
 from tinylm.errors import TinyLMError
 from tinylm.evaluate import evaluate_pairs, pair_logps
@@ -39,6 +38,7 @@ from tinylm.tuning import (
     check_tuning,
     describe_data,
     make_trainable,
+    run_record,
     start,
 )
 
@@ -166,11 +166,7 @@ def build(ctx: StageContext) -> Plan:
     out.info(f"DPO ({cfg.loss_type}, beta {cfg.beta}, {'LoRA' if lora else 'full'}):"
              f" {trainable:,} of {total:,} parameters train; {train_cfg.max_steps} steps of "
              f"{t.batch_size} pairs")
-    saved = {**to_dict(cfg), "train": to_dict(train_cfg)}
-    meta: dict[str, Any] = {"stage": "dpo", "dpo": saved, "data": data_meta,
-                            "parameters": {"trainable": trainable, "total": total}}
-    if not lora:
-        meta["base_run"] = {"path": str(ctx.base.resolve())}
+    saved, meta = run_record(ctx, "dpo", train_cfg, data_meta, trainable, total)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         assert val_ref is not None

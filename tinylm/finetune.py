@@ -19,7 +19,6 @@ from typing import Any
 
 from torch import nn
 
-from tinylm.config import to_dict
 from tinylm.errors import TinyLMError
 from tinylm.lora import LoraSettings
 from tinylm.losses import sft_loss
@@ -35,6 +34,7 @@ from tinylm.tuning import (
     describe_data,
     make_trainable,
     report_counts,
+    run_record,
     start,
 )
 
@@ -95,11 +95,7 @@ def build(ctx: StageContext) -> Plan:
              f"parameters train ({100 * trainable / total:.2f}%); {train_cfg.max_steps} steps "
              f"of {t.batch_size} {'windows' if cfg.data.packing else 'examples'}")
     model = ctx.place(model)
-    saved = {**to_dict(cfg), "train": to_dict(train_cfg)}
-    meta: dict[str, Any] = {"stage": "finetune", "finetune": saved, "data": data_meta,
-                            "parameters": {"trainable": trainable, "total": total}}
-    if not cfg.lora.enabled:
-        meta["base_run"] = {"path": str(ctx.base.resolve())}
+    saved, meta = run_record(ctx, "finetune", train_cfg, data_meta, trainable, total)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         metrics: dict[str, float] = {}

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from tinylm.config import to_dict
 from tinylm.console import Output
 from tinylm.data import file_digest
 from tinylm.errors import TinyLMError
@@ -149,3 +150,16 @@ def report_counts(what: str, unit: str, stats: Any, context: int, out: Output) -
     if stats.skipped:
         out.warn(f"{what}: {stats.skipped:,} {unit} had no response token left within the "
                  f"context and were skipped (first: {stats.skipped_sources[0]})")
+
+
+def run_record(ctx: StageContext, stage: str, train_cfg: TrainConfig, data_meta: dict[str, Any],
+               trainable: int, total: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the effective settings, config.json's record) of a tuning run: its stage, settings
+    (automatic values resolved), data and parameter counts, and for full tuning its base run
+    (an adapter run names its base itself)."""
+    saved = {**to_dict(ctx.cfg), "train": to_dict(train_cfg)}
+    meta: dict[str, Any] = {"stage": stage, stage: saved, "data": data_meta,
+                            "parameters": {"trainable": trainable, "total": total}}
+    if not ctx.cfg.lora.enabled and ctx.base is not None:
+        meta["base_run"] = {"path": str(ctx.base.resolve())}
+    return saved, meta

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from tinylm.config import to_dict
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
 from tinylm.lora import LoraSettings, adapter_disabled
@@ -42,6 +41,7 @@ from tinylm.tuning import (
     describe_data,
     load_base,
     make_trainable,
+    run_record,
 )
 
 # TRL's default 1e-6 is for models a thousand times larger. Measured on the quickstart's tuned
@@ -198,11 +198,7 @@ def build(ctx: StageContext) -> Plan:
              f"{'LoRA' if lora else 'full'}): {trainable:,} of {total:,} parameters train; "
              f"{train_cfg.max_steps} steps of {t.batch_size} prompts x {G} completions; "
              f"reward {', '.join(f'{r.name} x {r.weight:g}' for r in rewards)}")
-    saved = {**to_dict(cfg), "train": to_dict(train_cfg)}
-    meta: dict[str, Any] = {"stage": "rl", "rl": saved, "data": data_meta,
-                            "parameters": {"trainable": trainable, "total": total}}
-    if not lora:
-        meta["base_run"] = {"path": str(ctx.base.resolve())}
+    saved, meta = run_record(ctx, "rl", train_cfg, data_meta, trainable, total)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return evaluate_rewards(model, tokenizer, val_prompts, val_ids, rewards,
