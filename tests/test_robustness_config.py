@@ -123,7 +123,7 @@ TUNE_ERRORS = {  # arguments: the key the error names (flags win over --set for 
     ("--set", "train.lr=nan"): "train.lr",
     ("--set", "train.lr=-1"): "train.lr",
     ("--batch-size", "0"): "train.batch_size",
-    ("--set", "train.micro_batch=3"): "micro_batch",  # does not divide the batch of 2
+    ("--set", "train.micro_batch=0"): "train.micro_batch",  # (3 runs: micro-batches of 2)
     ("--epochs", "0"): "epochs",
     ("--set", "epochs=-1"): "epochs",
     ("--val-fraction", "1.0"): "data.val_fraction",

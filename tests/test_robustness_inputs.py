@@ -38,7 +38,7 @@ from robustness_support import (
     run_case,
 )
 
-from tinylm import textio
+from tinylm import formats, textio
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_unreadable_file_and_directory_holding_one(command, runs, tmp_path, cach
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.name)
 def test_a_file_that_cannot_be_opened(command, runs, tmp_path, cache, monkeypatch):
     """The same as above for any user (root included): every reader opens files through
-    textio, which is made to fail for this one file as the kernel would."""
+    tinylm.formats.open_file, which is made to fail for this one file as the kernel would."""
     data = tmp_path / f"locked{command.suffix}"
     data.write_bytes(clean(command))
 
@@ -154,7 +154,7 @@ def test_a_file_that_cannot_be_opened(command, runs, tmp_path, cache, monkeypatc
             raise PermissionError(13, "Permission denied", str(file))
         return open(file, *args, **kwargs)
 
-    monkeypatch.setattr(textio, "open", refuse, raising=False)
+    monkeypatch.setattr(formats, "open", refuse, raising=False)
     out = tmp_path / "out"
     result = invoke(*command.argv(runs, data, out))
     assert_failed_cleanly(result, out, cache, str(data), "Permission denied")
@@ -260,12 +260,12 @@ def test_wrong_types_and_missing_keys(command, index, runs, tmp_path, cache):
 
 
 def test_chat_skips_a_typed_line_that_is_not_utf8(runs, monkeypatch):
-    import tinylm.generate
+    import tinylm.session
 
     answered = []
-    real = tinylm.generate.generate
+    real = tinylm.session.generate
     monkeypatch.setattr(
-        tinylm.generate,
+        tinylm.session,
         "generate",
         lambda *args, **kwargs: answered.append(1) or real(*args, **kwargs),
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tinylm.cli  # noqa: F401  (registers the commands)
 import tinylm.dpo
 import tinylm.train.stage as stage
 from tinylm.atomic import atomic_dir
@@ -66,7 +67,6 @@ def test_dpo_runs_every_forward_pass_on_the_training_device(tmp_path, monkeypatc
     model placed by the launcher: a forward pass of an unplaced model fails the hook."""
     from typer.testing import CliRunner
 
-    import tinylm.cli  # noqa: F401
     from tinylm.cli.app import app
 
     base = tmp_path / "base"

@@ -23,7 +23,7 @@ from tinylm.synth import (
 )
 
 FILES = ("corpus.txt", "facts.jsonl", "sft.jsonl", "sft_eval.jsonl", "prefs.jsonl",
-         "prefs_eval.jsonl", "README.md")
+         "prefs_eval.jsonl", "rl.jsonl", "rl_eval.jsonl", "README.md")
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
