@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from tinylm.errors import TinyLMError
+from tinylm.nesting import TooDeep, loads_yaml
 from tinylm.textio import read_text
 
 T = TypeVar("T")
@@ -69,14 +70,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         path = shipped
     text = read_text(path)
     try:
-        data = yaml.safe_load(text)
+        data = loads_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", exc)
         raise TinyLMError(f"{path}{where}: not valid YAML ({problem})") from None
-    except RecursionError:
-        raise TinyLMError(f"{path}: nested too deeply to read; not a config file?") from None
+    except TooDeep as exc:
+        raise TinyLMError(f"{path}: {exc}; not a config file?") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

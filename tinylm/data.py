@@ -39,6 +39,7 @@ from tinylm.atomic import atomic_dir
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
 from tinylm.formats import parquet_record
+from tinylm.nesting import loads_json
 from tinylm.sources import (
     DEFAULT_TEXT_FIELD,
     DataFile,
@@ -294,7 +295,7 @@ class TokenStream:
         """Memory-map the shards listed in `directory`/index.json."""
         directory = Path(directory)
         try:
-            index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
+            index = loads_json((directory / INDEX_FILE).read_text(encoding="utf-8"))
             dtype = np.dtype(index["dtype"])
             arrays = [
                 np.memmap(directory / s["file"], dtype=dtype, mode="r", shape=(s["n_tokens"],))

@@ -28,6 +28,7 @@ from tinylm.formats import (
     iter_parquet_texts,
     open_data,
 )
+from tinylm.nesting import TooDeep, loads_json
 from tinylm.sources import DataFile, DataValue, classify, expand
 
 # A JSONL line longer than this is a wrong file (a JSON array, a binary), not one example; the
@@ -122,12 +123,12 @@ def _parse_json(text: str, path: Path, lineno: int | None = None) -> Any:
     `text` is; else the line within `text`)."""
     where = f"{path}:{lineno}" if lineno else str(path)
     try:
-        obj = json.loads(text)
+        obj = loads_json(text)
     except json.JSONDecodeError as exc:
         where = f"{path}:{lineno or exc.lineno}"
         raise TinyLMError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    except RecursionError:
-        raise TinyLMError(f"{where}: JSON nested too deeply to read") from None
+    except TooDeep as exc:
+        raise TinyLMError(f"{where}: JSON {exc}") from None
     if "\\u" in text:  # JSON may escape half a surrogate pair, which no UTF-8 text can hold
         check_text(json.dumps(obj, ensure_ascii=False), where, "a \\u escape lacks its pair")
     return obj

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tinylm.chat import encode_chat
 from tinylm.errors import TinyLMError
 from tinylm.generate import SamplingConfig
+from tinylm.nesting import loads_json
 
 if TYPE_CHECKING:
     from tinylm.tokenizer import Tokenizer
@@ -64,8 +65,8 @@ class Job:
 def parse_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or a 400."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = loads_json(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise APIError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")

@@ -41,6 +41,7 @@ import torch
 from tinylm.atomic import atomic_dir, fsync_dir
 from tinylm.console import SILENT, Output
 from tinylm.errors import TinyLMError
+from tinylm.nesting import loads_json
 from tinylm.run import CONFIG_FILE, FILES_KEY, file_records, verify_files
 
 CHECKPOINTS = "checkpoints"
@@ -190,7 +191,7 @@ def write_checkpoint(
 def _unrecorded_files(directory: Path) -> list[str]:
     """The files of a checkpoint that its config.json does not record, but state.json must."""
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = loads_json((directory / CONFIG_FILE).read_text(encoding="utf-8"))
         recorded = set(config.get(FILES_KEY, {})) if isinstance(config, dict) else set()
     except (OSError, ValueError):
         recorded = set()
@@ -232,7 +233,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     """A checkpoint's state.json, checked against its own checksum; a clear error if not."""
     file = checkpoint / STATE_DIR / STATE_FILE
     try:
-        state = json.loads(file.read_text(encoding="utf-8"))
+        state = loads_json(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TinyLMError(f"{file}: missing; the checkpoint is incomplete") from None
     except (OSError, ValueError) as exc:
@@ -260,7 +261,7 @@ def verify_checkpoint(checkpoint: Path, json_only: bool = False) -> dict[str, An
         raise TinyLMError(f"{source}: no record of {CONFIG_FILE}; the checkpoint is damaged")
     pick = _json_records if json_only else dict
     verify_files(checkpoint, pick(records), source, hint=None)
-    config = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))  # verified
+    config = loads_json((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))  # verified
     if isinstance(config, dict) and FILES_KEY in config:
         verify_files(checkpoint, pick(config[FILES_KEY]), str(checkpoint / CONFIG_FILE),
                      hint=None)

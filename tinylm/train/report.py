@@ -15,6 +15,7 @@ from typing import Any
 
 from tinylm.console import format_value
 from tinylm.errors import TinyLMError
+from tinylm.nesting import loads_json
 from tinylm.textio import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -33,7 +34,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     records = []
     for n, line in lines:
         try:
-            records.append(json.loads(line))
+            records.append(loads_json(line))
         except ValueError:
             if n == lines[-1][0] and not text.endswith("\n"):
                 break

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from tinylm.errors import TinyLMError
 from tinylm.model import Transformer, param_breakdown
+from tinylm.nesting import loads_json
 from tinylm.textio import atomic_write_json
 
 IDS_FILE = "trackers.json"
@@ -275,7 +276,7 @@ def open_trackers(names: list[str], run_dir: Path, *, resume_step: int | None,
     ids_path = Path(run_dir) / IDS_FILE
     ids: dict[str, Any] = {}
     if resume_step is not None and ids_path.is_file():
-        ids = json.loads(ids_path.read_text(encoding="utf-8"))
+        ids = loads_json(ids_path.read_text(encoding="utf-8"))
     opened: list[Tracker] = []
     for name in names:
         tracker = TRACKERS[name]()
