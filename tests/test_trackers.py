@@ -175,12 +175,16 @@ def check_headers(run: Path) -> None:
 
 @pytest.mark.slow
 def test_pretrain_logs_metrics_jsonl_to_all_three_and_resume_continues(
-    setup: tuple[Path, Path], tmp_path: Path, isolated: None
+    setup: tuple[Path, Path], tmp_path: Path, isolated: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _need_all()
     run = tmp_path / "run"
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     result = _pretrain(setup, run, "--set", f"train.log={ALL}")
     assert result.exit_code == 0, result.output
+    assert not list(elsewhere.iterdir())  # everything in the run, nothing in the cwd
     assert result.output.strip() == ""  # --quiet: the trackers print nothing either
     check_all_trackers(run, ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "val_bpb"))
     check_headers(run)

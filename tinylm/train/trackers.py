@@ -143,6 +143,9 @@ class MlflowTracker:
 
     name = "mlflow"
 
+    def __init__(self) -> None:
+        self.pending: list[Any] = []  # the queued log_batch operations (RunOperations)
+
     def open(self, run_dir: Path, start_step: int, saved_id: str | None,
              header: dict[str, Any]) -> str | None:
         """The kept run (status back to RUNNING) or a new one in experiment "tinylm"; the
@@ -185,15 +188,18 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
-                                                    for k, v in metrics.items()],
-                              synchronous=False)
+        pending = self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
+                                                              for k, v in metrics.items()],
+                                        synchronous=False)
+        self.pending.append(pending)
 
     def close(self) -> None:
-        """Wait for the queued metrics, then mark the run FINISHED."""
-        import mlflow
-
-        mlflow.flush_async_logging()
+        """Wait for the queued metrics, then mark the run FINISHED. (The client's own
+        operations are waited on: `mlflow.flush_async_logging()` would open MLflow's default
+        store, an mlflow.db in the working directory.)"""
+        for pending in self.pending:
+            pending.wait()
+        self.pending.clear()
         self.client.set_terminated(self.run_id)
 
 
