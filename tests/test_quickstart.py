@@ -150,3 +150,28 @@ def test_fast_run_shows_each_stage_working(fast_run):
     before = eval_preference(load_run(out / "sft", "cpu"), prefs, 16)["pref_accuracy_logp"]
     after = eval_preference(load_run(out / "dpo", "cpu"), prefs, 16)["pref_accuracy_logp"]
     assert after > before, (before, after)
+
+
+def _without_times(value):
+    """A report with its wall-clock figures left out (the only part a rerun may change)."""
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if k != "wall_s"}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_report(fast_run, tmp_path):
+    """A second --fast run with seed 0, from its own empty cache, reports exactly the same
+    numbers and sample answers (on one machine: the kernels PyTorch picks for another CPU may
+    round differently, see bench/quickstart.py)."""
+    first = json.loads((fast_run[0] / "report.json").read_text())
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TINYLM_CACHE", str(tmp_path / "cache"))
+        result = CliRunner().invoke(app, ["quickstart", "-o", str(tmp_path / "qs"), "--fast",
+                                          "--device", "cpu", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    second = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert _without_times(second) == _without_times(first)
+    assert second["samples"] and second["rl"]["steps"] > 0
